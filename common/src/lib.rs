@@ -1,0 +1,105 @@
+//! The contract shared by the wiproxy webhook and the sidecar: pod labels and annotations, the
+//! environment the webhook hands the sidecar, and the upstream grammar both of them parse.
+
+mod upstream;
+
+pub use upstream::{parse_upstreams, TokenHeader, Upstream, UpstreamError};
+
+/// Pod label that asks for injection; only the value `"true"` counts.
+pub const INJECT_LABEL: &str = "wiproxy.io/inject";
+/// Pod annotation with the upstreams, `NAME=URL[;audience=AUD][;header=HEADER]`, one per line or comma-separated.
+pub const UPSTREAMS_ANNOTATION: &str = "wiproxy.io/upstreams";
+/// Pod annotation with the Google service account (GSA) email the pod acts as.
+pub const SERVICE_ACCOUNT_ANNOTATION: &str = "wiproxy.io/service-account";
+/// Pod annotation with the proxy port.
+pub const PORT_ANNOTATION: &str = "wiproxy.io/port";
+/// Pod annotation choosing the header the token travels in.
+pub const TOKEN_HEADER_ANNOTATION: &str = "wiproxy.io/token-header";
+/// Pod annotation listing containers that get no environment variables.
+pub const SKIP_CONTAINERS_ANNOTATION: &str = "wiproxy.io/skip-containers";
+/// Pod annotation overriding the webhook's native-sidecar default.
+pub const NATIVE_SIDECAR_ANNOTATION: &str = "wiproxy.io/native-sidecar";
+/// Pod annotation written by the webhook; its presence marks an injected pod.
+pub const STATUS_ANNOTATION: &str = "wiproxy.io/status";
+/// ServiceAccount annotation through which GKE Workload Identity maps a KSA to a GSA.
+pub const GKE_SERVICE_ACCOUNT_ANNOTATION: &str = "iam.gke.io/gcp-service-account";
+/// Node label of GKE node pools that run the metadata server Workload Identity needs.
+pub const GKE_METADATA_NODE_LABEL: &str = "iam.gke.io/gke-metadata-server-enabled";
+
+/// Name of the injected sidecar container.
+pub const SIDECAR_CONTAINER: &str = "wiproxy";
+/// Default proxy port on the pod's loopback.
+pub const DEFAULT_PORT: u16 = 15080;
+/// Port of the sidecar's admin server (`/healthz`, `/readyz`, `/metrics`).
+pub const ADMIN_PORT: u16 = 15090;
+
+/// Environment variables the webhook sets on the sidecar and on app containers.
+pub mod env {
+    pub const UPSTREAMS: &str = "WIPROXY_UPSTREAMS";
+    pub const LISTEN: &str = "WIPROXY_LISTEN";
+    pub const ADMIN_LISTEN: &str = "WIPROXY_ADMIN_LISTEN";
+    pub const TOKEN_HEADER: &str = "WIPROXY_TOKEN_HEADER";
+    pub const EXPECTED_SERVICE_ACCOUNT: &str = "WIPROXY_EXPECTED_SERVICE_ACCOUNT";
+    pub const LOG_FORMAT: &str = "WIPROXY_LOG_FORMAT";
+    /// Base URL of the proxy, given to app containers.
+    pub const URL: &str = "WIPROXY_URL";
+
+    /// `WIPROXY_<NAME>_URL` for an upstream: the name upper-cased, `-` turned into `_`.
+    pub fn upstream_url(name: &str) -> String {
+        format!("WIPROXY_{}_URL", name.to_ascii_uppercase().replace('-', "_"))
+    }
+}
+
+/// Whether `email` has the shape of a Google service account email, such as
+/// `invoker@client-project.iam.gserviceaccount.com`.
+pub fn is_service_account_email(email: &str) -> bool {
+    let Some((local, domain)) = email.split_once('@') else {
+        return false;
+    };
+    let label = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 63
+            && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !s.starts_with('-')
+            && !s.ends_with('-')
+    };
+    label(local)
+        && domain.ends_with("gserviceaccount.com")
+        && domain.split('.').all(label)
+        && domain.split('.').count() >= 3
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_env_names() {
+        assert_eq!(env::upstream_url("orders"), "WIPROXY_ORDERS_URL");
+        assert_eq!(env::upstream_url("orders-v2"), "WIPROXY_ORDERS_V2_URL");
+    }
+
+    #[test]
+    fn service_account_emails() {
+        for good in [
+            "invoker@client-project.iam.gserviceaccount.com",
+            "123456789-compute@developer.gserviceaccount.com",
+            "my-project@appspot.gserviceaccount.com",
+        ] {
+            assert!(is_service_account_email(good), "{good}");
+        }
+        for bad in [
+            "",
+            "invoker",
+            "invoker@",
+            "@client-project.iam.gserviceaccount.com",
+            "Invoker@client-project.iam.gserviceaccount.com",
+            "invoker@example.com",
+            "invoker@client-project.iam.gserviceaccount.com.evil.com",
+            "in voker@client-project.iam.gserviceaccount.com",
+            "a@b@client-project.iam.gserviceaccount.com",
+        ] {
+            assert!(!is_service_account_email(bad), "{bad}");
+        }
+    }
+}

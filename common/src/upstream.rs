@@ -1,0 +1,285 @@
+//! The upstream grammar: `NAME=URL[;audience=AUD][;header=HEADER]`, entries one per line or comma-separated.
+
+use std::fmt;
+use url::Url;
+
+/// Header in which the sidecar sends the ID token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TokenHeader {
+    /// `Authorization: Bearer …`; the app's own `Authorization` moves to `X-Forwarded-Authorization`.
+    #[default]
+    Authorization,
+    /// `X-Serverless-Authorization: Bearer …` (Cloud Run, Cloud Functions gen2); the app's `Authorization` passes through.
+    XServerlessAuthorization,
+}
+
+impl TokenHeader {
+    pub const VALUES: &'static str = "authorization or x-serverless-authorization";
+
+    pub fn parse(value: &str) -> Option<Self> {
+        match value.trim().to_ascii_lowercase().as_str() {
+            "authorization" => Some(Self::Authorization),
+            "x-serverless-authorization" => Some(Self::XServerlessAuthorization),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Authorization => "authorization",
+            Self::XServerlessAuthorization => "x-serverless-authorization",
+        }
+    }
+}
+
+impl fmt::Display for TokenHeader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One configured upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    /// DNS label naming the upstream; the proxy serves it under `/<name>`.
+    pub name: String,
+    /// The URL as written.
+    pub url: String,
+    /// The URL parsed (host lower-cased, default port dropped).
+    pub parsed: Url,
+    /// Audience of the ID token.
+    pub audience: String,
+    /// Whether `audience=` was given rather than derived from the URL.
+    pub audience_explicit: bool,
+    /// Header for this upstream's token, when it overrides the pod-wide choice.
+    pub header: Option<TokenHeader>,
+}
+
+impl Upstream {
+    /// The entry in canonical form, as the sidecar's `WIPROXY_UPSTREAMS` carries it.
+    pub fn to_entry(&self) -> String {
+        let mut entry = format!("{}={}", self.name, self.url);
+        if self.audience_explicit {
+            entry.push_str(";audience=");
+            entry.push_str(&self.audience);
+        }
+        if let Some(header) = self.header {
+            entry.push_str(";header=");
+            entry.push_str(header.as_str());
+        }
+        entry
+    }
+}
+
+/// Why an upstream list was refused. Messages say what is wrong and how to write it instead; the
+/// caller names where the list came from (an annotation, an environment variable).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("no upstreams: give at least one entry NAME=https://HOST/PATH")]
+    Empty,
+    #[error("entry {entry:?} has no '=': write NAME=https://HOST/PATH")]
+    MissingEquals { entry: String },
+    #[error("upstream name {name:?} {why}: use a DNS label such as \"orders\" (lower-case letters, digits and '-', at most 63, starting and ending with a letter or digit)")]
+    BadName { name: String, why: &'static str },
+    #[error("upstream name {name:?} is used twice: give each upstream its own name")]
+    DuplicateName { name: String },
+    #[error("upstream {name:?}: URL {url:?} is not a valid URL ({why}): write https://HOST/PATH")]
+    BadUrl { name: String, url: String, why: String },
+    #[error("upstream {name:?}: URL {url:?} is not https: tokens are only sent over TLS, write https://…")]
+    NotHttps { name: String, url: String },
+    #[error("upstream {name:?}: URL {url:?} carries user info: remove the 'user@' part")]
+    UserInfo { name: String, url: String },
+    #[error("upstream {name:?}: unknown option {option:?}: the options are audience=AUD and header=HEADER")]
+    UnknownOption { name: String, option: String },
+    #[error("upstream {name:?}: option {option:?} is given twice: keep one")]
+    RepeatedOption { name: String, option: &'static str },
+    #[error("upstream {name:?}: audience is empty: drop ';audience=' to use the default or give a value")]
+    EmptyAudience { name: String },
+    #[error("upstream {name:?}: header {value:?} is not supported: use {}", TokenHeader::VALUES)]
+    BadHeader { name: String, value: String },
+}
+
+/// Parses an upstream list. Entries are separated by newlines or commas; blank entries are ignored.
+pub fn parse_upstreams(list: &str) -> Result<Vec<Upstream>, UpstreamError> {
+    let mut upstreams: Vec<Upstream> = Vec::new();
+    for entry in list.split(['\n', ',']).map(str::trim).filter(|e| !e.is_empty()) {
+        let upstream = parse_entry(entry)?;
+        if upstreams.iter().any(|u| u.name == upstream.name) {
+            return Err(UpstreamError::DuplicateName { name: upstream.name });
+        }
+        upstreams.push(upstream);
+    }
+    if upstreams.is_empty() {
+        return Err(UpstreamError::Empty);
+    }
+    Ok(upstreams)
+}
+
+fn parse_entry(entry: &str) -> Result<Upstream, UpstreamError> {
+    let (name, rest) = entry.split_once('=').ok_or_else(|| UpstreamError::MissingEquals { entry: entry.to_owned() })?;
+    let name = name.trim().to_owned();
+    check_name(&name)?;
+
+    let mut parts = rest.split(';');
+    let url = parts.next().unwrap_or_default().trim().to_owned();
+    let parsed = parse_url(&name, &url)?;
+
+    let mut audience = None;
+    let mut header = None;
+    for option in parts.map(str::trim).filter(|o| !o.is_empty()) {
+        let (key, value) = option.split_once('=').unwrap_or((option, ""));
+        let value = value.trim();
+        match key.trim() {
+            "audience" => {
+                if audience.is_some() {
+                    return Err(UpstreamError::RepeatedOption { name, option: "audience" });
+                }
+                if value.is_empty() {
+                    return Err(UpstreamError::EmptyAudience { name });
+                }
+                audience = Some(value.to_owned());
+            }
+            "header" => {
+                if header.is_some() {
+                    return Err(UpstreamError::RepeatedOption { name, option: "header" });
+                }
+                header = Some(
+                    TokenHeader::parse(value)
+                        .ok_or_else(|| UpstreamError::BadHeader { name: name.clone(), value: value.to_owned() })?,
+                );
+            }
+            _ => {
+                return Err(UpstreamError::UnknownOption { name, option: option.to_owned() });
+            }
+        }
+    }
+
+    let audience_explicit = audience.is_some();
+    let audience = audience.unwrap_or_else(|| default_audience(&url, &parsed));
+    Ok(Upstream { name, url, parsed, audience, audience_explicit, header })
+}
+
+fn check_name(name: &str) -> Result<(), UpstreamError> {
+    let why = if name.is_empty() {
+        Some("is empty")
+    } else if name.len() > 63 {
+        Some("is longer than 63 characters")
+    } else if name.starts_with('_') {
+        Some("starts with '_', which is reserved")
+    } else if !name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
+        Some("has characters other than lower-case letters, digits and '-'")
+    } else if name.starts_with('-') || name.ends_with('-') {
+        Some("starts or ends with '-'")
+    } else {
+        None
+    };
+    match why {
+        Some(why) => Err(UpstreamError::BadName { name: name.to_owned(), why }),
+        None => Ok(()),
+    }
+}
+
+fn parse_url(name: &str, url: &str) -> Result<Url, UpstreamError> {
+    let bad = |why: String| UpstreamError::BadUrl { name: name.to_owned(), url: url.to_owned(), why };
+    let parsed = Url::parse(url).map_err(|e| bad(e.to_string()))?;
+    if parsed.scheme() != "https" {
+        return Err(UpstreamError::NotHttps { name: name.to_owned(), url: url.to_owned() });
+    }
+    if parsed.host_str().is_none_or(str::is_empty) {
+        return Err(bad("no host".to_owned()));
+    }
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err(UpstreamError::UserInfo { name: name.to_owned(), url: url.to_owned() });
+    }
+    Ok(parsed)
+}
+
+/// The audience Google expects: the origin for Cloud Run (`*.run.app`), otherwise the URL as
+/// written without query or fragment (Cloud Functions gen1 needs the full function URL).
+fn default_audience(url: &str, parsed: &Url) -> String {
+    let host = parsed.host_str().unwrap_or_default();
+    if host.ends_with(".run.app") {
+        return parsed.origin().ascii_serialization();
+    }
+    let end = url.find(['?', '#']).unwrap_or(url.len());
+    url[..end].to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one(list: &str) -> Upstream {
+        let mut all = parse_upstreams(list).expect("valid list");
+        assert_eq!(all.len(), 1);
+        all.remove(0)
+    }
+
+    #[test]
+    fn default_audiences() {
+        let cases = [
+            ("orders=https://orders-abc-ew.a.run.app/v1/items", "https://orders-abc-ew.a.run.app"),
+            ("orders=https://Orders-ABC-ew.a.run.app:443", "https://orders-abc-ew.a.run.app"),
+            (
+                "fn=https://europe-west1-host.cloudfunctions.net/orders?x=1#top",
+                "https://europe-west1-host.cloudfunctions.net/orders",
+            ),
+            ("api=https://api.example.com", "https://api.example.com"),
+        ];
+        for (list, audience) in cases {
+            let upstream = one(list);
+            assert_eq!(upstream.audience, audience, "{list}");
+            assert!(!upstream.audience_explicit);
+        }
+    }
+
+    #[test]
+    fn options() {
+        let upstream =
+            one(" orders = https://h.a.run.app/x ; audience=custom-aud ; header=X-Serverless-Authorization ");
+        assert_eq!(upstream.name, "orders");
+        assert_eq!(upstream.url, "https://h.a.run.app/x");
+        assert_eq!(upstream.audience, "custom-aud");
+        assert!(upstream.audience_explicit);
+        assert_eq!(upstream.header, Some(TokenHeader::XServerlessAuthorization));
+        assert_eq!(
+            upstream.to_entry(),
+            "orders=https://h.a.run.app/x;audience=custom-aud;header=x-serverless-authorization"
+        );
+    }
+
+    #[test]
+    fn separators() {
+        let all = parse_upstreams("a=https://a.example.com,\n b=https://b.example.com\n\n,c=https://c.example.com,")
+            .expect("valid list");
+        let names: Vec<_> = all.iter().map(|u| u.name.as_str()).collect();
+        assert_eq!(names, ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn refusals() {
+        let long = "a".repeat(64);
+        let cases: Vec<(String, &str)> = vec![
+            ("".into(), "no upstreams"),
+            (" , \n".into(), "no upstreams"),
+            ("orders https://x.example.com".into(), "has no '='"),
+            ("Orders=https://x.example.com".into(), "characters other than"),
+            ("_x=https://x.example.com".into(), "reserved"),
+            ("-x=https://x.example.com".into(), "starts or ends with '-'"),
+            (format!("{long}=https://x.example.com"), "longer than 63"),
+            ("=https://x.example.com".into(), "is empty"),
+            ("a=https://x.example.com,a=https://y.example.com".into(), "used twice"),
+            ("a=http://x.example.com".into(), "is not https"),
+            ("a=x.example.com/path".into(), "not a valid URL"),
+            ("a=https://user:pw@x.example.com".into(), "user info"),
+            ("a=https://x.example.com;aud=y".into(), "unknown option"),
+            ("a=https://x.example.com;audience=".into(), "audience is empty"),
+            ("a=https://x.example.com;header=bearer".into(), "is not supported"),
+            ("a=https://x.example.com;audience=a;audience=b".into(), "given twice"),
+        ];
+        for (list, expected) in cases {
+            let err = parse_upstreams(&list).expect_err(&list).to_string();
+            assert!(err.contains(expected), "{list:?}: {err}");
+        }
+    }
+}

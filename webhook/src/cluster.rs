@@ -1,0 +1,111 @@
+//! What the injection needs to know about the cluster: namespace labels (for policy selectors)
+//! and the Workload Identity mapping of ServiceAccounts. `StaticCluster` holds them in memory,
+//! filled from YAML documents (`--cluster-file`, `render` input).
+
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+use wiproxy_common::GKE_SERVICE_ACCOUNT_ANNOTATION;
+
+/// Label Kubernetes sets on every namespace.
+pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
+/// What is known of a Kubernetes service account (KSA).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KsaLookup {
+    /// Not known: it may not exist yet.
+    Missing,
+    /// Exists without `iam.gke.io/gcp-service-account`.
+    Unmapped,
+    /// Exists and maps to this GSA.
+    Mapped(String),
+}
+
+/// Read access to the cluster state the injection depends on.
+pub trait ClusterView: Send + Sync {
+    /// The namespace's labels, `kubernetes.io/metadata.name` always among them.
+    fn namespace_labels(&self, namespace: &str) -> BTreeMap<String, String>;
+    fn service_account(&self, namespace: &str, name: &str) -> KsaLookup;
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct StaticCluster {
+    namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    service_accounts: BTreeMap<(String, String), Option<String>>,
+}
+
+impl StaticCluster {
+    /// Takes the Namespace and ServiceAccount objects among `documents` and ignores the rest. A
+    /// ServiceAccount without a namespace is in `default_namespace`.
+    pub fn add_documents<'a>(&mut self, documents: impl IntoIterator<Item = &'a Value>, default_namespace: &str) {
+        for doc in documents {
+            let metadata = &doc["metadata"];
+            let Some(name) = metadata["name"].as_str() else { continue };
+            match (doc["apiVersion"].as_str(), doc["kind"].as_str()) {
+                (Some("v1"), Some("Namespace")) => {
+                    let labels = string_map(&metadata["labels"]);
+                    self.namespaces.insert(name.to_owned(), labels);
+                }
+                (Some("v1"), Some("ServiceAccount")) => {
+                    let namespace = metadata["namespace"].as_str().unwrap_or(default_namespace);
+                    let gsa = metadata["annotations"][GKE_SERVICE_ACCOUNT_ANNOTATION].as_str().map(str::to_owned);
+                    self.service_accounts.insert((namespace.to_owned(), name.to_owned()), gsa);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    pub fn set_service_account(&mut self, namespace: &str, name: &str, gsa: Option<String>) {
+        self.service_accounts.insert((namespace.to_owned(), name.to_owned()), gsa);
+    }
+}
+
+impl ClusterView for StaticCluster {
+    fn namespace_labels(&self, namespace: &str) -> BTreeMap<String, String> {
+        let mut labels = self.namespaces.get(namespace).cloned().unwrap_or_default();
+        labels.insert(NAMESPACE_NAME_LABEL.to_owned(), namespace.to_owned());
+        labels
+    }
+
+    fn service_account(&self, namespace: &str, name: &str) -> KsaLookup {
+        match self.service_accounts.get(&(namespace.to_owned(), name.to_owned())) {
+            None => KsaLookup::Missing,
+            Some(None) => KsaLookup::Unmapped,
+            Some(Some(gsa)) => KsaLookup::Mapped(gsa.clone()),
+        }
+    }
+}
+
+fn string_map(value: &Value) -> BTreeMap<String, String> {
+    value
+        .as_object()
+        .map(|map| map.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_owned()))).collect())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn reads_namespaces_and_service_accounts() {
+        let docs = [
+            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "payments", "labels": {"team": "payments"}}}),
+            json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "orders",
+                "annotations": {"iam.gke.io/gcp-service-account": "a@p.iam.gserviceaccount.com"}}}),
+            json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "plain", "namespace": "payments"}}),
+            json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "other"}}),
+        ];
+        let mut cluster = StaticCluster::default();
+        cluster.add_documents(&docs, "apps");
+        let labels = cluster.namespace_labels("payments");
+        assert_eq!(labels.get("team").map(String::as_str), Some("payments"));
+        assert_eq!(labels.get(NAMESPACE_NAME_LABEL).map(String::as_str), Some("payments"));
+        assert_eq!(cluster.namespace_labels("unknown").len(), 1);
+        assert_eq!(cluster.service_account("apps", "orders"), KsaLookup::Mapped("a@p.iam.gserviceaccount.com".into()));
+        assert_eq!(cluster.service_account("payments", "plain"), KsaLookup::Unmapped);
+        assert_eq!(cluster.service_account("payments", "orders"), KsaLookup::Missing);
+    }
+}

@@ -1,0 +1,148 @@
+//! Command line of `wiproxy-webhook`; every flag can also be set as `WIPROXY_WEBHOOK_<FLAG>`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
+use serde_json::Value;
+
+use crate::inject::SidecarSettings;
+
+#[derive(Debug, Parser)]
+#[command(name = "wiproxy-webhook", version, about = "Injects the wiproxy token-proxy sidecar into labelled pods")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+    /// Log filter, in tracing's EnvFilter syntax (e.g. "info,wiproxy_webhook=debug").
+    #[arg(long, global = true, env = "WIPROXY_WEBHOOK_LOG", default_value = "info")]
+    pub log: String,
+    /// Log line format.
+    #[arg(long, global = true, env = "WIPROXY_WEBHOOK_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the admission webhook (POST /mutate) over TLS, with an admin port for probes and metrics.
+    Serve(ServeArgs),
+    /// Inject offline: read manifests, print them with every labelled pod template injected.
+    Render(RenderArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum NativeSidecars {
+    /// Native when the API server is 1.29 or newer.
+    Auto,
+    Always,
+    Never,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RenderNativeSidecars {
+    Always,
+    Never,
+}
+
+/// Flags shared by `serve` and `render`.
+#[derive(Debug, Args)]
+pub struct SharedArgs {
+    /// Read TokenProxyPolicies from this multi-document YAML file instead of the cluster.
+    #[arg(long, env = "WIPROXY_WEBHOOK_POLICY_FILE", value_name = "FILE")]
+    pub policy_file: Option<PathBuf>,
+    /// ServiceAccounts and Namespaces that exist, as multi-document YAML, standing in for the cluster.
+    #[arg(long, env = "WIPROXY_WEBHOOK_CLUSTER_FILE", value_name = "FILE")]
+    pub cluster_file: Option<PathBuf>,
+    /// Deny pods in namespaces that no policy selects.
+    #[arg(long, env = "WIPROXY_WEBHOOK_POLICY_REQUIRED", value_name = "true|false", default_value_t = true, action = ArgAction::Set)]
+    pub policy_required: bool,
+    /// Image of the injected sidecar.
+    #[arg(long, env = "WIPROXY_WEBHOOK_SIDECAR_IMAGE", value_name = "IMAGE", default_value_t = SidecarSettings::default_image())]
+    pub sidecar_image: String,
+    /// Container resources of the sidecar, as JSON (the chart passes `sidecar.resources`).
+    #[arg(long, env = "WIPROXY_WEBHOOK_SIDECAR_RESOURCES", value_name = "JSON", default_value_t = SidecarSettings::default_resources().to_string())]
+    pub sidecar_resources: String,
+}
+
+impl SharedArgs {
+    pub fn sidecar(&self, native: bool) -> Result<SidecarSettings, String> {
+        let resources: Value = serde_json::from_str(&self.sidecar_resources).map_err(|e| {
+            format!("--sidecar-resources is not JSON ({e}): write e.g. {}", SidecarSettings::default_resources())
+        })?;
+        let valid = resources.as_object().is_some_and(|map| {
+            map.iter().all(|(key, value)| match key.as_str() {
+                "requests" | "limits" => value.is_object(),
+                "claims" => value.is_array(),
+                _ => false,
+            })
+        });
+        if !valid {
+            return Err(format!(
+                "--sidecar-resources must be an object with \"requests\" and/or \"limits\": write e.g. {}",
+                SidecarSettings::default_resources()
+            ));
+        }
+        if self.sidecar_image.trim().is_empty() {
+            return Err("--sidecar-image is empty: give the sidecar image reference".to_owned());
+        }
+        Ok(SidecarSettings { image: self.sidecar_image.clone(), native, resources })
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address of the TLS admission endpoint; 10250 passes the GKE private-cluster control-plane firewall.
+    #[arg(long, env = "WIPROXY_WEBHOOK_LISTEN", default_value = "0.0.0.0:10250")]
+    pub listen: SocketAddr,
+    /// PEM certificate chain; reloaded when it changes.
+    #[arg(long, env = "WIPROXY_WEBHOOK_TLS_CERT_FILE", value_name = "FILE")]
+    pub tls_cert_file: PathBuf,
+    /// PEM private key; reloaded when it changes.
+    #[arg(long, env = "WIPROXY_WEBHOOK_TLS_KEY_FILE", value_name = "FILE")]
+    pub tls_key_file: PathBuf,
+    /// How often the certificate files are checked for changes, in seconds.
+    #[arg(long, env = "WIPROXY_WEBHOOK_TLS_RELOAD_INTERVAL", value_name = "SECONDS", default_value_t = 5)]
+    pub tls_reload_interval: u64,
+    /// Address of the plain-HTTP admin server (/healthz, /readyz, /metrics).
+    #[arg(long, env = "WIPROXY_WEBHOOK_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
+    pub admin_listen: SocketAddr,
+    /// Inject native sidecars (Kubernetes 1.29+).
+    #[arg(long, env = "WIPROXY_WEBHOOK_NATIVE_SIDECARS", value_enum, default_value_t = NativeSidecars::Auto)]
+    pub native_sidecars: NativeSidecars,
+    /// Longest wait for in-flight reviews after SIGTERM, in seconds.
+    #[arg(long, env = "WIPROXY_WEBHOOK_DRAIN_TIMEOUT", value_name = "SECONDS", default_value_t = 20)]
+    pub drain_timeout: u64,
+    #[command(flatten)]
+    pub shared: SharedArgs,
+}
+
+impl ServeArgs {
+    pub fn tls_reload_interval(&self) -> Duration {
+        Duration::from_secs(self.tls_reload_interval.max(1))
+    }
+
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_secs(self.drain_timeout)
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct RenderArgs {
+    /// Manifests to inject, multi-document YAML; "-" reads standard input.
+    #[arg(short = 'f', long = "filename", value_name = "FILE|-")]
+    pub file: PathBuf,
+    /// Namespace of documents that name none.
+    #[arg(short = 'n', long, env = "WIPROXY_WEBHOOK_NAMESPACE", default_value = "default")]
+    pub namespace: String,
+    /// Inject native sidecars.
+    #[arg(long, env = "WIPROXY_WEBHOOK_NATIVE_SIDECARS", value_enum, default_value_t = RenderNativeSidecars::Always)]
+    pub native_sidecars: RenderNativeSidecars,
+    #[command(flatten)]
+    pub shared: SharedArgs,
+}

@@ -1,0 +1,83 @@
+//! Why the webhook refuses a pod. Each message names the annotation or field, the bad value and the fix.
+
+use wiproxy_common::{
+    UpstreamError, GKE_SERVICE_ACCOUNT_ANNOTATION, INJECT_LABEL, NATIVE_SIDECAR_ANNOTATION, PORT_ANNOTATION,
+    SERVICE_ACCOUNT_ANNOTATION, SIDECAR_CONTAINER, TOKEN_HEADER_ANNOTATION, UPSTREAMS_ANNOTATION,
+};
+
+fn list(names: &[String]) -> String {
+    names.join(", ")
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Denial {
+    #[error("the pod has no spec: nothing to inject into")]
+    NoSpec,
+    #[error("spec.hostNetwork is true: the proxy would listen on the node's loopback, shared with every host-network pod; remove hostNetwork or the label {INJECT_LABEL}")]
+    HostNetwork,
+    #[error("annotation {UPSTREAMS_ANNOTATION} is missing: add it with at least one entry NAME=https://HOST/PATH, or remove the label {INJECT_LABEL}")]
+    NoUpstreams,
+    #[error("annotation {UPSTREAMS_ANNOTATION}: {0}")]
+    Upstreams(#[from] UpstreamError),
+    #[error("annotation {annotation} is {len} bytes long, more than the {max} allowed: shorten it")]
+    TooLong { annotation: &'static str, len: usize, max: usize },
+    #[error("annotation {PORT_ANNOTATION}: {value:?} is not a port number from 1024 to 65535 (the sidecar runs as non-root): write e.g. \"15080\"")]
+    BadPort { value: String },
+    #[error("annotation {PORT_ANNOTATION}: port {port} is already used by container {container:?}: pick another port in {PORT_ANNOTATION}")]
+    PortClash { port: u16, container: String },
+    #[error("annotation {PORT_ANNOTATION}: port {port} is the sidecar's admin port: pick another port")]
+    AdminPort { port: u16 },
+    #[error(
+        "container {container:?} listens on {port}, the sidecar's admin port: move that container to another port"
+    )]
+    AdminPortClash { port: u16, container: String },
+    #[error("annotation {TOKEN_HEADER_ANNOTATION}: {value:?} is not supported: use authorization or x-serverless-authorization")]
+    BadTokenHeader { value: String },
+    #[error("annotation {NATIVE_SIDECAR_ANNOTATION}: {value:?} is not a boolean: write \"true\" or \"false\"")]
+    BadNativeSidecar { value: String },
+    #[error("annotation {SERVICE_ACCOUNT_ANNOTATION}: {value:?} is not a Google service account email: write NAME@PROJECT.iam.gserviceaccount.com")]
+    BadServiceAccount { value: String },
+    #[error("ServiceAccount {namespace}/{ksa} has annotation {GKE_SERVICE_ACCOUNT_ANNOTATION}: {value:?}, which is not a Google service account email: fix the ServiceAccount")]
+    BadKsaServiceAccount { namespace: String, ksa: String, value: String },
+    #[error("no Google service account for ServiceAccount {namespace}/{ksa}: set annotation {SERVICE_ACCOUNT_ANNOTATION}, annotate the ServiceAccount with {GKE_SERVICE_ACCOUNT_ANNOTATION}, or give a TokenProxyPolicy a defaultServiceAccount")]
+    NoServiceAccount { namespace: String, ksa: String },
+    #[error("ServiceAccount {namespace}/{ksa} is mapped to {mapped} ({GKE_SERVICE_ACCOUNT_ANNOTATION}) but annotation {SERVICE_ACCOUNT_ANNOTATION} asks for {wanted}: use the same GSA, or a ServiceAccount of its own for this workload")]
+    KsaConflict { namespace: String, ksa: String, mapped: String, wanted: String },
+    #[error("the pod runs as ServiceAccount \"default\" in namespace {namespace}, which no TokenProxyPolicy allows: set spec.serviceAccountName to a ServiceAccount of this workload, or set allowDefaultKsa: true in a policy")]
+    DefaultKsa { namespace: String },
+    #[error("no TokenProxyPolicy selects namespace {namespace}: ask the platform team for a policy whose namespaceSelector matches it")]
+    NoPolicy { namespace: String },
+    #[error("Google service account {gsa} is not allowed in namespace {namespace} by TokenProxyPolicy {}: use a GSA that a policy lists in spec.serviceAccounts ({SERVICE_ACCOUNT_ANNOTATION}), or ask the platform team to allow it", list(.policies))]
+    ServiceAccountNotAllowed { gsa: String, namespace: String, policies: Vec<String> },
+    #[error("annotation {UPSTREAMS_ANNOTATION}: upstream {upstream:?} URL {url} is not allowed for {gsa} in namespace {namespace} by TokenProxyPolicy {}: use a URL under one of the policy's spec.upstreams, or ask the platform team to allow it", list(.policies))]
+    UpstreamNotAllowed { upstream: String, url: String, gsa: String, namespace: String, policies: Vec<String> },
+    #[error("no single TokenProxyPolicy among {} allows {gsa} and every upstream of annotation {UPSTREAMS_ANNOTATION}: split the upstreams across workloads, or ask the platform team for one policy that covers them all", list(.policies))]
+    NoSinglePolicy { gsa: String, policies: Vec<String> },
+    #[error("a container named {SIDECAR_CONTAINER:?} exists but the pod carries no wiproxy.io/status: rename that container")]
+    ContainerNameTaken,
+}
+
+impl Denial {
+    /// A short, fixed label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::NoSpec => "no_spec",
+            Self::HostNetwork => "host_network",
+            Self::NoUpstreams => "no_upstreams",
+            Self::Upstreams(_) => "bad_upstreams",
+            Self::TooLong { .. } => "annotation_too_long",
+            Self::BadPort { .. } | Self::AdminPort { .. } => "bad_port",
+            Self::PortClash { .. } | Self::AdminPortClash { .. } => "port_clash",
+            Self::BadTokenHeader { .. } => "bad_token_header",
+            Self::BadNativeSidecar { .. } => "bad_native_sidecar",
+            Self::BadServiceAccount { .. } | Self::BadKsaServiceAccount { .. } => "bad_service_account",
+            Self::NoServiceAccount { .. } => "no_service_account",
+            Self::KsaConflict { .. } => "ksa_conflict",
+            Self::DefaultKsa { .. } => "default_ksa",
+            Self::NoPolicy { .. } => "no_policy",
+            Self::ServiceAccountNotAllowed { .. } => "service_account_not_allowed",
+            Self::UpstreamNotAllowed { .. } | Self::NoSinglePolicy { .. } => "upstream_not_allowed",
+            Self::ContainerNameTaken => "container_name_taken",
+        }
+    }
+}

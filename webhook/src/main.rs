@@ -1,0 +1,136 @@
+use std::io::{Read, Write};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{anyhow, Context};
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+use wiproxy_webhook::cluster::StaticCluster;
+use wiproxy_webhook::config::{Cli, Command, LogFormat, NativeSidecars, RenderArgs, RenderNativeSidecars, ServeArgs};
+use wiproxy_webhook::policy::PolicySet;
+use wiproxy_webhook::render::{render, RenderError, RenderOptions};
+use wiproxy_webhook::server::{self, ServeConfig};
+use wiproxy_webhook::tls::ReloadingCertificate;
+use wiproxy_webhook::{yaml, Webhook};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if rustls::crypto::ring::default_provider().install_default().is_err() {
+        eprintln!("error: a rustls crypto provider was already installed");
+        return ExitCode::FAILURE;
+    }
+    let result = match cli.command {
+        Command::Serve(args) => {
+            init_logging(&cli.log, cli.log_format);
+            serve(args)
+        }
+        Command::Render(args) => {
+            init_logging(&cli.log, LogFormat::Text);
+            return render_command(args);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "exiting");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(filter: &str, format: LogFormat) {
+    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    // Without an API server to ask, `auto` assumes Kubernetes 1.29 or newer, as every supported GKE version is.
+    let native = args.native_sidecars != NativeSidecars::Never;
+    let sidecar = args.shared.sidecar(native).map_err(|e| anyhow!(e))?;
+    let policies = match &args.shared.policy_file {
+        Some(path) => yaml::load_policies(path)?,
+        None if !args.shared.policy_required => Vec::new(),
+        None => {
+            return Err(anyhow!(
+                "--policy-file is required: this build reads TokenProxyPolicies from a file only (or pass --policy-required=false)"
+            ))
+        }
+    };
+    let mut cluster = StaticCluster::default();
+    if let Some(path) = &args.shared.cluster_file {
+        let documents = yaml::parse_stream(&yaml::read_file(path)?, &path.display().to_string())?;
+        cluster.add_documents(&documents, "default");
+    }
+    let certificate = ReloadingCertificate::load(&args.tls_cert_file, &args.tls_key_file)
+        .context("loading --tls-cert-file/--tls-key-file")?;
+    tracing::info!(policies = policies.len(), native, image = %sidecar.image, "configured");
+    let config = ServeConfig {
+        listen: args.listen,
+        admin_listen: args.admin_listen,
+        certificate: Arc::new(certificate),
+        tls_reload_interval: args.tls_reload_interval(),
+        drain_timeout: args.drain_timeout(),
+        webhook: Webhook {
+            sidecar,
+            policies: PolicySet::new(policies, args.shared.policy_required),
+            cluster: Arc::new(cluster),
+        },
+    };
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(server::run(config))
+}
+
+fn render_command(args: RenderArgs) -> ExitCode {
+    match render_files(&args) {
+        Ok(rendered) => {
+            for warning in &rendered.warnings {
+                eprintln!("warning: {warning}");
+            }
+            let mut stdout = std::io::stdout().lock();
+            if stdout.write_all(rendered.output.as_bytes()).and_then(|()| stdout.flush()).is_err() {
+                return ExitCode::FAILURE;
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            for line in format!("{e:#}").lines() {
+                eprintln!("error: {line}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn render_files(args: &RenderArgs) -> anyhow::Result<wiproxy_webhook::render::Rendered> {
+    let (input, source_name) = if args.file.as_os_str() == "-" {
+        let mut text = String::new();
+        std::io::stdin().read_to_string(&mut text).context("reading standard input")?;
+        (text, "<stdin>".to_owned())
+    } else {
+        (yaml::read_file(&args.file)?, args.file.display().to_string())
+    };
+    let policies = match &args.shared.policy_file {
+        Some(path) => yaml::load_policies(path)?,
+        None => Vec::new(),
+    };
+    let cluster = match &args.shared.cluster_file {
+        Some(path) => yaml::parse_stream(&yaml::read_file(path)?, &path.display().to_string())?,
+        None => Vec::new(),
+    };
+    let native = args.native_sidecars == RenderNativeSidecars::Always;
+    let options = RenderOptions {
+        namespace: args.namespace.clone(),
+        sidecar: args.shared.sidecar(native).map_err(|e| anyhow!(e))?,
+        policies,
+        policy_required: args.shared.policy_required,
+        cluster,
+    };
+    render(&input, &source_name, &options).map_err(|e| match e {
+        RenderError::Denied(_) => anyhow!("{e}"),
+        RenderError::Input(e) => anyhow!(e),
+    })
+}

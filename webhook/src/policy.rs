@@ -1,0 +1,445 @@
+//! `TokenProxyPolicy`: which Google service accounts and which upstream URLs the pods of a
+//! namespace may use, and how such a policy is evaluated.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube_core::{Selector, SelectorExt};
+use serde::{Deserialize, Serialize};
+use wiproxy_common::{is_service_account_email, Upstream};
+
+pub const API_VERSION: &str = "wiproxy.io/v1alpha1";
+pub const KIND: &str = "TokenProxyPolicy";
+
+/// A `TokenProxyPolicy` object as written in YAML.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenProxyPolicy {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: PolicyMetadata,
+    pub spec: TokenProxyPolicySpec,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct PolicyMetadata {
+    #[serde(default)]
+    pub name: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TokenProxyPolicySpec {
+    /// Namespaces the policy applies to; `{}` selects every namespace.
+    pub namespace_selector: LabelSelector,
+    /// GSA email patterns pods may act as; `*` never crosses `@`, `.` or `/`.
+    #[serde(default)]
+    pub service_accounts: Vec<String>,
+    /// Allowed upstream URL prefixes, matched on path-segment boundaries; `*` as above.
+    #[serde(default)]
+    pub upstreams: Vec<String>,
+    /// GSA for pods that name none and whose KSA carries no mapping.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_service_account: Option<String>,
+    /// Whether the webhook may annotate KSAs with their GSA (default true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manage_service_accounts: Option<bool>,
+    /// Whether pods may use the KSA named `default` (default false).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_default_ksa: Option<bool>,
+}
+
+/// Why a policy cannot be used; the message names the policy field and the fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyError {
+    #[error("policy {policy:?}: apiVersion/kind is {found:?}: write apiVersion: {API_VERSION}, kind: {KIND}")]
+    WrongType { policy: String, found: String },
+    #[error("policy has no metadata.name: give it a name")]
+    NoName,
+    #[error("policy {policy:?}: spec.namespaceSelector: {why}")]
+    Selector { policy: String, why: String },
+    #[error("policy {policy:?}: spec.serviceAccounts[{index}] {pattern:?}: {why}")]
+    ServiceAccount { policy: String, index: usize, pattern: String, why: &'static str },
+    #[error("policy {policy:?}: spec.upstreams[{index}] {pattern:?}: {why}")]
+    Upstream { policy: String, index: usize, pattern: String, why: &'static str },
+    #[error("policy {policy:?}: spec.defaultServiceAccount {gsa:?}: {why}")]
+    DefaultServiceAccount { policy: String, gsa: String, why: &'static str },
+}
+
+/// A checked policy, ready to evaluate.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub name: String,
+    selector: Selector,
+    service_accounts: Vec<String>,
+    upstreams: Vec<String>,
+    pub default_service_account: Option<String>,
+    pub manage_service_accounts: bool,
+    pub allow_default_ksa: bool,
+}
+
+impl Policy {
+    pub fn new(policy: &TokenProxyPolicy) -> Result<Self, PolicyError> {
+        let name = policy.metadata.name.clone();
+        if policy.api_version != API_VERSION || policy.kind != KIND {
+            return Err(PolicyError::WrongType {
+                policy: name,
+                found: format!("{}/{}", policy.api_version, policy.kind),
+            });
+        }
+        Self::from_spec(name, &policy.spec)
+    }
+
+    pub fn from_spec(name: String, spec: &TokenProxyPolicySpec) -> Result<Self, PolicyError> {
+        if name.is_empty() {
+            return Err(PolicyError::NoName);
+        }
+        let selector = Selector::try_from(spec.namespace_selector.clone())
+            .map_err(|e| PolicyError::Selector { policy: name.clone(), why: e.to_string() })?;
+
+        let mut service_accounts = Vec::new();
+        for (index, pattern) in spec.service_accounts.iter().enumerate() {
+            let why = if pattern.matches('@').count() != 1 {
+                Some("a pattern needs exactly one '@', as in *@PROJECT.iam.gserviceaccount.com")
+            } else if pattern.chars().any(|c| c.is_ascii_uppercase() || c.is_whitespace()) {
+                Some("write it in lower case without spaces")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return Err(PolicyError::ServiceAccount { policy: name, index, pattern: pattern.clone(), why });
+            }
+            service_accounts.push(pattern.clone());
+        }
+
+        let mut upstreams = Vec::new();
+        for (index, pattern) in spec.upstreams.iter().enumerate() {
+            let why = if !pattern.starts_with("https://") {
+                Some("an upstream prefix starts with https://")
+            } else if pattern.len() == "https://".len() {
+                Some("give at least a host, as in https://*.a.run.app/")
+            } else if pattern.contains(['?', '#']) || pattern.chars().any(char::is_whitespace) {
+                Some("a prefix has no query, fragment or spaces")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return Err(PolicyError::Upstream { policy: name, index, pattern: pattern.clone(), why });
+            }
+            upstreams.push(normalize_prefix(pattern));
+        }
+
+        let policy = Self {
+            selector,
+            service_accounts,
+            upstreams,
+            default_service_account: spec.default_service_account.clone(),
+            manage_service_accounts: spec.manage_service_accounts.unwrap_or(true),
+            allow_default_ksa: spec.allow_default_ksa.unwrap_or(false),
+            name,
+        };
+        if let Some(gsa) = &policy.default_service_account {
+            let why = if !is_service_account_email(gsa) {
+                Some("not a Google service account email (NAME@PROJECT.iam.gserviceaccount.com)")
+            } else if !policy.allows_service_account(gsa) {
+                Some("not allowed by this policy's own spec.serviceAccounts: add it there")
+            } else {
+                None
+            };
+            if let Some(why) = why {
+                return Err(PolicyError::DefaultServiceAccount { policy: policy.name, gsa: gsa.clone(), why });
+            }
+        }
+        Ok(policy)
+    }
+
+    pub fn selects(&self, namespace_labels: &BTreeMap<String, String>) -> bool {
+        self.selector.matches(namespace_labels)
+    }
+
+    pub fn allows_service_account(&self, gsa: &str) -> bool {
+        let gsa = gsa.to_ascii_lowercase();
+        self.service_accounts.iter().any(|pattern| glob_ends(pattern, &gsa).contains(&gsa.len()))
+    }
+
+    pub fn allows_upstream(&self, url: &str) -> bool {
+        self.upstreams.iter().any(|prefix| prefix_matches(prefix, url))
+    }
+}
+
+/// Scheme and host of a prefix compare case-insensitively, so they are lower-cased like parsed URLs.
+fn normalize_prefix(pattern: &str) -> String {
+    let rest = &pattern["https://".len()..];
+    let host_end = rest.find('/').unwrap_or(rest.len());
+    let host = rest[..host_end].to_ascii_lowercase();
+    let host = host.strip_suffix(":443").unwrap_or(&host);
+    format!("https://{host}{}", &rest[host_end..])
+}
+
+/// Every position in `text` at which a match of `pattern` starting at 0 can end. `*` matches any
+/// run of characters other than `@`, `.`, `/`, `:`, `?` and `#`, so it stays inside one label of a
+/// host name, email or path segment.
+fn glob_ends(pattern: &str, text: &str) -> Vec<usize> {
+    let text = text.as_bytes();
+    let mut ends = vec![0usize];
+    for &p in pattern.as_bytes() {
+        let mut next = Vec::new();
+        for &at in &ends {
+            if p == b'*' {
+                let mut i = at;
+                next.push(i);
+                while i < text.len() && !matches!(text[i], b'@' | b'.' | b'/' | b':' | b'?' | b'#') {
+                    i += 1;
+                    next.push(i);
+                }
+            } else if text.get(at) == Some(&p) {
+                next.push(at + 1);
+            }
+        }
+        next.sort_unstable();
+        next.dedup();
+        ends = next;
+        if ends.is_empty() {
+            break;
+        }
+    }
+    ends
+}
+
+/// Whether the URL starts with the prefix on a boundary: the prefix ends in `/`, or the URL ends
+/// or continues with `/`, `?` or `#` right after it. `https://host/orders` thus covers
+/// `https://host/orders/1` but not `https://host/orders-admin`.
+fn prefix_matches(prefix: &str, url: &str) -> bool {
+    let url = normalize_url(url);
+    glob_ends(prefix, &url)
+        .into_iter()
+        .any(|end| prefix.ends_with('/') || matches!(url.as_bytes().get(end), None | Some(b'/' | b'?' | b'#')))
+}
+
+/// The URL with its scheme and host lower-cased and the default port dropped, as policies compare it.
+fn normalize_url(url: &str) -> String {
+    match url.strip_prefix("https://").or_else(|| url.strip_prefix("HTTPS://")) {
+        Some(_) => normalize_prefix(&format!("https://{}", &url["https://".len()..])),
+        None => url.to_owned(),
+    }
+}
+
+/// The policies in force, in name order, and whether a namespace without one is refused.
+#[derive(Debug, Clone, Default)]
+pub struct PolicySet {
+    policies: Vec<Policy>,
+    pub required: bool,
+}
+
+/// What the policies decided for one pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    /// The policy that allows the pod; `None` when no policy selects the namespace and none is required.
+    pub policy: Option<String>,
+    pub manage_service_accounts: bool,
+}
+
+/// Why the policies refuse a pod; the webhook turns it into a denial message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    NoPolicy,
+    ServiceAccount { policies: Vec<String> },
+    Upstream { upstream: String, url: String, policies: Vec<String> },
+    NoSinglePolicy { policies: Vec<String> },
+}
+
+impl PolicySet {
+    pub fn new(mut policies: Vec<Policy>, required: bool) -> Self {
+        policies.sort_by(|a, b| a.name.cmp(&b.name));
+        Self { policies, required }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.policies.is_empty()
+    }
+
+    pub fn selecting<'a>(&'a self, namespace_labels: &'a BTreeMap<String, String>) -> Vec<&'a Policy> {
+        self.policies.iter().filter(|p| p.selects(namespace_labels)).collect()
+    }
+
+    /// Decides for a pod acting as `gsa` and calling `upstreams`: allowed when one policy that
+    /// selects the namespace allows the GSA and every upstream.
+    pub fn evaluate(&self, selecting: &[&Policy], gsa: &str, upstreams: &[Upstream]) -> Result<Verdict, Refusal> {
+        if selecting.is_empty() {
+            return if self.required {
+                Err(Refusal::NoPolicy)
+            } else {
+                Ok(Verdict { policy: None, manage_service_accounts: true })
+            };
+        }
+        if let Some(policy) = selecting
+            .iter()
+            .find(|p| p.allows_service_account(gsa) && upstreams.iter().all(|u| p.allows_upstream(&u.url)))
+        {
+            return Ok(Verdict {
+                policy: Some(policy.name.clone()),
+                manage_service_accounts: policy.manage_service_accounts,
+            });
+        }
+        let names = |ps: &[&Policy]| ps.iter().map(|p| p.name.clone()).collect::<Vec<_>>();
+        let for_gsa: Vec<&Policy> = selecting.iter().copied().filter(|p| p.allows_service_account(gsa)).collect();
+        if for_gsa.is_empty() {
+            return Err(Refusal::ServiceAccount { policies: names(selecting) });
+        }
+        for upstream in upstreams {
+            if !for_gsa.iter().any(|p| p.allows_upstream(&upstream.url)) {
+                return Err(Refusal::Upstream {
+                    upstream: upstream.name.clone(),
+                    url: upstream.url.clone(),
+                    policies: names(&for_gsa),
+                });
+            }
+        }
+        Err(Refusal::NoSinglePolicy { policies: names(&for_gsa) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wiproxy_common::parse_upstreams;
+
+    fn policy(name: &str, selector: &str, service_accounts: &[&str], upstreams: &[&str]) -> Policy {
+        let spec = TokenProxyPolicySpec {
+            namespace_selector: serde_json::from_str(selector).expect("selector"),
+            service_accounts: service_accounts.iter().map(|s| s.to_string()).collect(),
+            upstreams: upstreams.iter().map(|s| s.to_string()).collect(),
+            default_service_account: None,
+            manage_service_accounts: None,
+            allow_default_ksa: None,
+        };
+        Policy::from_spec(name.into(), &spec).expect("valid policy")
+    }
+
+    #[test]
+    fn service_account_globs_stay_inside_a_label() {
+        let p = policy(
+            "p",
+            "{}",
+            &["*@client-project.iam.gserviceaccount.com", "app-*@other.iam.gserviceaccount.com"],
+            &[],
+        );
+        let cases = [
+            ("invoker@client-project.iam.gserviceaccount.com", true),
+            ("Invoker@Client-Project.iam.gserviceaccount.com", true),
+            ("app-x@other.iam.gserviceaccount.com", true),
+            ("x@evil.client-project.iam.gserviceaccount.com", false),
+            ("a.b@client-project.iam.gserviceaccount.com", false),
+            ("a@b@client-project.iam.gserviceaccount.com", false),
+            ("invoker@client-project.iam.gserviceaccount.com.evil", false),
+            ("app@other.iam.gserviceaccount.com", false),
+        ];
+        for (gsa, allowed) in cases {
+            assert_eq!(p.allows_service_account(gsa), allowed, "{gsa}");
+        }
+    }
+
+    #[test]
+    fn upstream_prefixes_match_on_boundaries() {
+        let p = policy(
+            "p",
+            "{}",
+            &[],
+            &[
+                "https://europe-west1-host-project.cloudfunctions.net/",
+                "https://*.a.run.app/",
+                "https://api.example.com/orders",
+            ],
+        );
+        let cases = [
+            ("https://europe-west1-host-project.cloudfunctions.net/orders", true),
+            ("https://EUROPE-west1-host-project.cloudfunctions.net:443/orders", true),
+            ("https://europe-west1-host-project.cloudfunctions.net.evil.com/orders", false),
+            ("https://us-central1-host-project.cloudfunctions.net/orders", false),
+            ("https://orders-abc-ew.a.run.app/v1", true),
+            ("https://orders-abc-ew.a.run.app", false),
+            ("https://x.y.a.run.app/", false),
+            ("https://evil.com/.a.run.app/", false),
+            ("https://api.example.com/orders", true),
+            ("https://api.example.com/orders/1?x=2", true),
+            ("https://api.example.com/orders?x=2", true),
+            ("https://api.example.com/orders-admin", false),
+            ("https://api.example.com/order", false),
+        ];
+        for (url, allowed) in cases {
+            assert_eq!(p.allows_upstream(url), allowed, "{url}");
+        }
+    }
+
+    #[test]
+    fn selectors() {
+        let labels = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        };
+        let payments = labels(&[("team", "payments"), ("kubernetes.io/metadata.name", "pay")]);
+        let other = labels(&[("kubernetes.io/metadata.name", "other")]);
+        assert!(policy("all", "{}", &[], &[]).selects(&other));
+        let by_label = policy("p", r#"{"matchLabels":{"team":"payments"}}"#, &[], &[]);
+        assert!(by_label.selects(&payments));
+        assert!(!by_label.selects(&other));
+        let by_expr =
+            policy("p", r#"{"matchExpressions":[{"key":"team","operator":"NotIn","values":["payments"]}]}"#, &[], &[]);
+        assert!(!by_expr.selects(&payments));
+        assert!(by_expr.selects(&other));
+    }
+
+    #[test]
+    fn some_policy_must_allow_everything() {
+        let gsa = "invoker@client.iam.gserviceaccount.com";
+        let a = policy("a", "{}", &["*@client.iam.gserviceaccount.com"], &["https://a.example.com/"]);
+        let b = policy("b", "{}", &["*@client.iam.gserviceaccount.com"], &["https://b.example.com/"]);
+        let set = PolicySet::new(vec![b.clone(), a.clone()], true);
+        let selecting = [&a, &b];
+        let one = parse_upstreams("x=https://b.example.com/x").expect("valid");
+        assert_eq!(
+            set.evaluate(&selecting, gsa, &one),
+            Ok(Verdict { policy: Some("b".into()), manage_service_accounts: true })
+        );
+        let both = parse_upstreams("x=https://a.example.com/x,y=https://b.example.com/y").expect("valid");
+        assert_eq!(
+            set.evaluate(&selecting, gsa, &both),
+            Err(Refusal::NoSinglePolicy { policies: vec!["a".into(), "b".into()] })
+        );
+        let elsewhere = parse_upstreams("x=https://c.example.com/x").expect("valid");
+        assert!(
+            matches!(set.evaluate(&selecting, gsa, &elsewhere), Err(Refusal::Upstream { upstream, .. }) if upstream == "x")
+        );
+        assert!(matches!(
+            set.evaluate(&selecting, "x@other.iam.gserviceaccount.com", &one),
+            Err(Refusal::ServiceAccount { .. })
+        ));
+        assert_eq!(set.evaluate(&[], gsa, &one), Err(Refusal::NoPolicy));
+        let optional = PolicySet::new(vec![], false);
+        assert_eq!(optional.evaluate(&[], gsa, &one), Ok(Verdict { policy: None, manage_service_accounts: true }));
+    }
+
+    #[test]
+    fn invalid_policies_name_the_field() {
+        let spec = |sa: &str, up: &str, default: Option<&str>| TokenProxyPolicySpec {
+            namespace_selector: LabelSelector::default(),
+            service_accounts: vec![sa.into()],
+            upstreams: vec![up.into()],
+            default_service_account: default.map(Into::into),
+            manage_service_accounts: None,
+            allow_default_ksa: None,
+        };
+        let cases = [
+            (spec("nobody", "https://x/", None), "spec.serviceAccounts[0]"),
+            (spec("*@p.iam.gserviceaccount.com", "http://x/", None), "spec.upstreams[0]"),
+            (spec("*@p.iam.gserviceaccount.com", "https://x/?a", None), "no query"),
+            (
+                spec("*@p.iam.gserviceaccount.com", "https://x/", Some("a@q.iam.gserviceaccount.com")),
+                "spec.defaultServiceAccount",
+            ),
+        ];
+        for (spec, expected) in cases {
+            let err = Policy::from_spec("p".into(), &spec).expect_err(expected).to_string();
+            assert!(err.contains(expected), "{err}");
+        }
+    }
+}

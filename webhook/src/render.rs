@@ -1,0 +1,177 @@
+//! `render`: offline injection of manifests, like `istioctl kube-inject`. Labelled pod templates
+//! are injected, ServiceAccounts get their Workload Identity annotation, everything else passes
+//! through byte for byte, and rendering the output again changes nothing.
+
+use serde_json::{json, Value};
+use wiproxy_common::GKE_SERVICE_ACCOUNT_ANNOTATION;
+
+use crate::cluster::StaticCluster;
+use crate::inject::{inject, Inputs, Outcome, ServiceAccountChange, SidecarSettings};
+use crate::policy::{Policy, PolicySet};
+use crate::yaml::{self, FileError};
+
+/// What `render` works with besides the manifests.
+pub struct RenderOptions {
+    /// Namespace of documents that name none.
+    pub namespace: String,
+    pub sidecar: SidecarSettings,
+    /// Policies from `--policy-file`; TokenProxyPolicy documents of the input are added to them.
+    pub policies: Vec<Policy>,
+    pub policy_required: bool,
+    /// Documents of `--cluster-file`; ServiceAccounts and Namespaces of the input are added to them.
+    pub cluster: Vec<Value>,
+}
+
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Rendered {
+    pub output: String,
+    /// `KIND/NAME: message` lines.
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    #[error(transparent)]
+    Input(#[from] FileError),
+    /// One `KIND/NAME (namespace NS): message` line per denied workload.
+    #[error("{}", .0.join("\n"))]
+    Denied(Vec<String>),
+}
+
+/// Where the pod template sits in a workload, matched on the exact group/version/kind.
+fn template_pointer(api_version: &str, kind: &str) -> Option<&'static str> {
+    match (api_version, kind) {
+        ("v1", "Pod") => Some(""),
+        ("apps/v1", "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet") | ("batch/v1", "Job") => {
+            Some("/spec/template")
+        }
+        ("batch/v1", "CronJob") => Some("/spec/jobTemplate/spec/template"),
+        _ => None,
+    }
+}
+
+struct Entry {
+    separator: String,
+    text: String,
+    value: Option<Value>,
+    changed: bool,
+}
+
+pub fn render(input: &str, source_name: &str, options: &RenderOptions) -> Result<Rendered, RenderError> {
+    let mut entries = Vec::new();
+    for (index, document) in yaml::split_documents(input).into_iter().enumerate() {
+        let value = yaml::parse_document(&document.text).map_err(|e| FileError::Yaml {
+            source_name: source_name.to_owned(),
+            index: index + 1,
+            why: e.to_string(),
+        })?;
+        entries.push(Entry { separator: document.separator, text: document.text, value, changed: false });
+    }
+
+    let mut cluster = StaticCluster::default();
+    cluster.add_documents(&options.cluster, &options.namespace);
+    cluster.add_documents(entries.iter().filter_map(|e| e.value.as_ref()), &options.namespace);
+    let mut policies = options.policies.clone();
+    let numbered = entries.iter().enumerate().filter_map(|(i, e)| Some((i + 1, e.value.as_ref()?)));
+    policies.extend(yaml::policies_from(numbered, source_name, false)?);
+    let policies = PolicySet::new(policies, options.policy_required);
+
+    let mut rendered = Rendered::default();
+    let mut denials = Vec::new();
+    // (namespace given explicitly?, namespace, name, gsa)
+    let mut annotate: Vec<(Option<String>, String, String, String)> = Vec::new();
+
+    for entry in &mut entries {
+        let Some(doc) = entry.value.as_mut() else { continue };
+        let kind = doc["kind"].as_str().unwrap_or_default().to_owned();
+        let Some(pointer) = template_pointer(doc["apiVersion"].as_str().unwrap_or_default(), &kind) else {
+            continue;
+        };
+        let explicit_namespace = doc["metadata"]["namespace"].as_str().map(str::to_owned);
+        let namespace = explicit_namespace.clone().unwrap_or_else(|| options.namespace.clone());
+        let what = format!("{kind}/{}", doc["metadata"]["name"].as_str().unwrap_or("<unnamed>"));
+        let Some(template) = doc.pointer_mut(pointer) else { continue };
+        let pod_value = json!({"metadata": template["metadata"].clone(), "spec": template["spec"].clone()});
+        let pod = match serde_json::from_value(pod_value) {
+            Ok(pod) => pod,
+            Err(e) => {
+                denials.push(format!("{what} (namespace {namespace}): the pod template is not valid: {e}"));
+                continue;
+            }
+        };
+        let inputs =
+            Inputs { namespace: &namespace, sidecar: &options.sidecar, policies: &policies, cluster: &cluster };
+        match inject(&pod, &inputs) {
+            Ok(Outcome::NotRequested | Outcome::AlreadyInjected) => {}
+            Ok(Outcome::Injected(injection)) => {
+                if let Err(e) = json_patch::patch(template, &injection.patch) {
+                    denials.push(format!("{what} (namespace {namespace}): cannot apply the injection: {e}"));
+                    continue;
+                }
+                entry.changed = true;
+                rendered.warnings.extend(injection.warnings.iter().map(|w| format!("{what}: {w}")));
+                if let ServiceAccountChange::Annotate { name, gsa } = injection.service_account {
+                    // Later workloads of the same ServiceAccount see the mapping this one needs.
+                    cluster.set_service_account(&namespace, &name, Some(gsa.clone()));
+                    annotate.push((explicit_namespace, namespace, name, gsa));
+                }
+            }
+            Err(denial) => denials.push(format!("{what} (namespace {namespace}): {denial}")),
+        }
+    }
+    if !denials.is_empty() {
+        return Err(RenderError::Denied(denials));
+    }
+
+    let mut added = Vec::new();
+    for (explicit_namespace, namespace, name, gsa) in annotate {
+        let existing = entries.iter_mut().find(|e| {
+            e.value.as_ref().is_some_and(|v| {
+                v["apiVersion"] == "v1"
+                    && v["kind"] == "ServiceAccount"
+                    && v["metadata"]["name"] == name.as_str()
+                    && v["metadata"]["namespace"].as_str().unwrap_or(&options.namespace) == namespace
+            })
+        });
+        match existing {
+            Some(entry) => {
+                if let Some(metadata) = entry.value.as_mut().and_then(|v| v.get_mut("metadata")) {
+                    if !metadata["annotations"].is_object() {
+                        metadata["annotations"] = json!({});
+                    }
+                    metadata["annotations"][GKE_SERVICE_ACCOUNT_ANNOTATION] = json!(gsa);
+                    entry.changed = true;
+                }
+            }
+            None => {
+                let mut metadata = json!({"name": name});
+                if let Some(namespace) = explicit_namespace {
+                    metadata["namespace"] = json!(namespace);
+                }
+                metadata["annotations"] = json!({GKE_SERVICE_ACCOUNT_ANNOTATION: gsa});
+                added.push(json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": metadata}));
+            }
+        }
+    }
+
+    for entry in &entries {
+        rendered.output.push_str(&entry.separator);
+        match (&entry.value, entry.changed) {
+            (Some(value), true) => rendered.output.push_str(&to_yaml(value)),
+            _ => rendered.output.push_str(&entry.text),
+        }
+    }
+    for value in added {
+        if !rendered.output.is_empty() && !rendered.output.ends_with('\n') {
+            rendered.output.push('\n');
+        }
+        rendered.output.push_str("---\n");
+        rendered.output.push_str(&to_yaml(&value));
+    }
+    Ok(rendered)
+}
+
+fn to_yaml(value: &Value) -> String {
+    // A JSON value always has a YAML form.
+    serde_yaml::to_string(value).unwrap_or_default()
+}

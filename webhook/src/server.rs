@@ -1,0 +1,258 @@
+//! `serve`: the admission endpoint over TLS and the plain admin port, with graceful drain.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use crate::admission::{review, ReviewError};
+use crate::inject::ServiceAccountChange;
+use crate::metrics::Metrics;
+use crate::tls::ReloadingCertificate;
+use crate::Webhook;
+
+/// Largest review body accepted. Kubernetes objects stay under 1.5 MiB; a review may carry the
+/// object twice (object and oldObject).
+pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Clone)]
+pub struct AppState {
+    pub webhook: Arc<Webhook>,
+    pub metrics: Arc<Metrics>,
+    /// Set once shutdown starts: `/readyz` fails so the Service stops sending new reviews.
+    pub draining: Arc<AtomicBool>,
+    pub max_body_bytes: usize,
+}
+
+impl AppState {
+    pub fn new(webhook: Webhook) -> Self {
+        Self {
+            webhook: Arc::new(webhook),
+            metrics: Arc::new(Metrics::default()),
+            draining: Arc::new(AtomicBool::new(false)),
+            max_body_bytes: MAX_BODY_BYTES,
+        }
+    }
+}
+
+/// The admission routes, served over TLS.
+pub fn router(state: AppState) -> Router {
+    Router::new().route("/mutate", post(mutate)).fallback(not_found).with_state(state)
+}
+
+/// The admin routes, served over plain HTTP.
+pub fn admin_router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
+    (status, Json(json!({"error": message.to_string()}))).into_response()
+}
+
+async fn not_found() -> Response {
+    error(StatusCode::NOT_FOUND, "no such endpoint: the webhook serves POST /mutate")
+}
+
+async fn mutate(State(state): State<AppState>, request: Request) -> Response {
+    let started = Instant::now();
+    let body = match axum::body::to_bytes(request.into_body(), state.max_body_bytes).await {
+        Ok(body) => body,
+        Err(e) => {
+            let too_large =
+                std::error::Error::source(&e).is_some_and(|source| source.is::<http_body_util::LengthLimitError>());
+            state.metrics.review("error", "body", started.elapsed().as_secs_f64());
+            return if too_large {
+                warn!(limit = state.max_body_bytes, "review body too large");
+                error(StatusCode::PAYLOAD_TOO_LARGE, format!("body is larger than {} bytes", state.max_body_bytes))
+            } else {
+                error(StatusCode::BAD_REQUEST, format!("cannot read body: {e}"))
+            };
+        }
+    };
+    match review(&state.webhook, &body) {
+        Ok((response, summary)) => {
+            let span = info_span!("review", uid = %summary.uid, ns = %summary.namespace, name = %summary.name);
+            span.in_scope(|| {
+                info!(result = summary.result, reason = summary.reason, "reviewed");
+                if let ServiceAccountChange::Annotate { name, gsa } = &summary.service_account {
+                    info!(ksa = %name, %gsa, "ServiceAccount needs the Workload Identity annotation; no Kubernetes API in file mode, left to the operator");
+                }
+            });
+            state.metrics.review(summary.result, summary.reason, started.elapsed().as_secs_f64());
+            Json(response).into_response()
+        }
+        Err(e) => {
+            let reason = match e {
+                ReviewError::NotJson(_) | ReviewError::NotObject(_) => "not_json",
+                ReviewError::WrongType { .. } => "wrong_type",
+                ReviewError::NoRequest => "no_request",
+                ReviewError::Malformed(_) => "malformed",
+            };
+            warn!(reason, error = %e, "malformed review");
+            state.metrics.review("error", reason, started.elapsed().as_secs_f64());
+            error(StatusCode::BAD_REQUEST, e)
+        }
+    }
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    if state.draining.load(Ordering::Relaxed) {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    } else {
+        (StatusCode::OK, "ready\n").into_response()
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], state.metrics.encode())
+        .into_response()
+}
+
+/// Serves `app` over TLS on `listener` until `shutdown` turns true, then lets in-flight
+/// connections finish for up to `drain`.
+pub async fn serve_tls(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    app: Router,
+    mut shutdown: watch::Receiver<bool>,
+    drain: Duration,
+) {
+    let acceptor = TlsAcceptor::from(tls);
+    let graceful = GracefulShutdown::new();
+    let builder = auto::Builder::new(TokioExecutor::new());
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.wait_for(|stop| *stop) => break,
+        };
+        let acceptor = acceptor.clone();
+        let service = TowerToHyperService::new(app.clone());
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(
+            async move {
+                let stream = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(e)) => return debug!(error = %e, "TLS handshake failed"),
+                    Err(_) => return debug!("TLS handshake timed out"),
+                };
+                let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+                if let Err(e) = watcher.watch(connection).await {
+                    debug!(error = %e, "connection ended with an error");
+                }
+            }
+            .instrument(tracing::debug_span!("connection", %peer)),
+        );
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => info!("drained"),
+        _ = tokio::time::sleep(drain) => warn!(seconds = drain.as_secs(), "drain timed out; closing open connections"),
+    }
+}
+
+/// Everything `serve` needs, already checked.
+pub struct ServeConfig {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub certificate: Arc<ReloadingCertificate>,
+    pub tls_reload_interval: Duration,
+    pub drain_timeout: Duration,
+    pub webhook: Webhook,
+}
+
+/// Runs the webhook until SIGTERM or Ctrl-C.
+pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
+    let state = AppState::new(config.webhook);
+    let metrics = state.metrics.clone();
+    config.certificate.clone().watch(config.tls_reload_interval, move |result| match result {
+        Ok(true) => {
+            info!("serving certificate reloaded");
+            metrics.reload("success");
+        }
+        Ok(false) => {}
+        Err(e) => {
+            warn!(error = %e, "serving certificate not reloaded; the previous one stays");
+            metrics.reload("error");
+        }
+    });
+    let tls = Arc::new(config.certificate.clone().server_config());
+
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {} (--listen): {e}", config.listen))?;
+    let admin = TcpListener::bind(config.admin_listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {} (--admin-listen): {e}", config.admin_listen))?;
+    info!(listen = %config.listen, admin = %config.admin_listen, "serving");
+
+    let (stop, stopped) = watch::channel(false);
+    let draining = state.draining.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        info!("shutting down: draining in-flight reviews");
+        draining.store(true, Ordering::Relaxed);
+        let _ = stop.send(true);
+    });
+
+    let mut admin_stopped = stopped.clone();
+    let admin_app = admin_router(state.clone());
+    let admin_task = tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = admin_stopped.wait_for(|stop| *stop).await;
+        };
+        axum::serve(admin, admin_app).with_graceful_shutdown(shutdown).await
+    });
+    serve_tls(listener, tls, router(state), stopped, config.drain_timeout).await;
+    admin_task.await??;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {},
+                    _ = term.recv() => {},
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

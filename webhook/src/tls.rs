@@ -1,0 +1,120 @@
+//! The serving certificate, reloaded when its files change. Kubernetes Secret volumes replace
+//! files by swapping a `..data` symlink, which file-change notifications miss, so the files are
+//! polled and compared by content. A pair that fails to load leaves the last good one in place.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: no PEM certificate found ({why}): give the serving certificate chain in PEM")]
+    NoCertificate { path: PathBuf, why: String },
+    #[error("{path}: no PEM private key found ({why}): give the serving key in PEM (PKCS#8, PKCS#1 or SEC1)")]
+    NoKey { path: PathBuf, why: String },
+    #[error("{path}: unsupported private key: {why}")]
+    BadKey { path: PathBuf, why: String },
+    #[error("{key} does not belong to the certificate in {cert}: give a matching pair")]
+    Mismatch { cert: PathBuf, key: PathBuf },
+}
+
+/// Certificate resolver that serves the newest good pair loaded from two files.
+#[derive(Debug)]
+pub struct ReloadingCertificate {
+    cert_path: PathBuf,
+    key_path: PathBuf,
+    current: RwLock<Loaded>,
+}
+
+#[derive(Debug)]
+struct Loaded {
+    key: Arc<CertifiedKey>,
+    source: (Vec<u8>, Vec<u8>),
+}
+
+impl ReloadingCertificate {
+    /// Loads the pair once; fails when the files do not hold a usable pair.
+    pub fn load(cert_path: &Path, key_path: &Path) -> Result<Self, TlsError> {
+        let source = read_pair(cert_path, key_path)?;
+        let key = certified_key(cert_path, key_path, &source)?;
+        Ok(Self {
+            cert_path: cert_path.to_owned(),
+            key_path: key_path.to_owned(),
+            current: RwLock::new(Loaded { key, source }),
+        })
+    }
+
+    /// Reads the files again. `Ok(true)` when a new pair is now served, `Ok(false)` when they are
+    /// unchanged, `Err` when they changed but do not load (the previous pair stays).
+    pub fn reload(&self) -> Result<bool, TlsError> {
+        let source = read_pair(&self.cert_path, &self.key_path)?;
+        if self.current.read().is_ok_and(|loaded| loaded.source == source) {
+            return Ok(false);
+        }
+        let key = certified_key(&self.cert_path, &self.key_path, &source)?;
+        if let Ok(mut loaded) = self.current.write() {
+            *loaded = Loaded { key, source };
+        }
+        Ok(true)
+    }
+
+    /// Polls the files every `interval` for as long as the process runs.
+    pub fn watch(self: Arc<Self>, interval: Duration, on_reload: impl Fn(Result<bool, &TlsError>) + Send + 'static) {
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(interval);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            ticker.tick().await;
+            loop {
+                ticker.tick().await;
+                match self.reload() {
+                    Ok(changed) => on_reload(Ok(changed)),
+                    Err(e) => on_reload(Err(&e)),
+                }
+            }
+        });
+    }
+
+    pub fn server_config(self: Arc<Self>) -> rustls::ServerConfig {
+        let mut config = rustls::ServerConfig::builder().with_no_client_auth().with_cert_resolver(self);
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        config
+    }
+}
+
+impl ResolvesServerCert for ReloadingCertificate {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.current.read().ok().map(|loaded| loaded.key.clone())
+    }
+}
+
+fn read_pair(cert: &Path, key: &Path) -> Result<(Vec<u8>, Vec<u8>), TlsError> {
+    let read = |path: &Path| std::fs::read(path).map_err(|source| TlsError::Read { path: path.to_owned(), source });
+    Ok((read(cert)?, read(key)?))
+}
+
+fn certified_key(
+    cert_path: &Path,
+    key_path: &Path,
+    (cert, key): &(Vec<u8>, Vec<u8>),
+) -> Result<Arc<CertifiedKey>, TlsError> {
+    let chain = CertificateDer::pem_slice_iter(cert)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::NoCertificate { path: cert_path.to_owned(), why: e.to_string() })?;
+    if chain.is_empty() {
+        return Err(TlsError::NoCertificate { path: cert_path.to_owned(), why: "the file is empty".to_owned() });
+    }
+    let key = PrivateKeyDer::from_pem_slice(key)
+        .map_err(|e| TlsError::NoKey { path: key_path.to_owned(), why: e.to_string() })?;
+    let signing_key = rustls::crypto::ring::sign::any_supported_type(&key)
+        .map_err(|e| TlsError::BadKey { path: key_path.to_owned(), why: e.to_string() })?;
+    let certified = CertifiedKey::new(chain, signing_key);
+    certified.keys_match().map_err(|_| TlsError::Mismatch { cert: cert_path.to_owned(), key: key_path.to_owned() })?;
+    Ok(Arc::new(certified))
+}
