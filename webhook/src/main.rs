@@ -1,4 +1,4 @@
-use std::io::{Read, Write};
+use std::io::Write;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -6,9 +6,9 @@ use anyhow::{anyhow, Context};
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 use wiproxy_webhook::cluster::StaticCluster;
-use wiproxy_webhook::config::{Cli, Command, LogFormat, NativeSidecars, RenderArgs, RenderNativeSidecars, ServeArgs};
+use wiproxy_webhook::config::{Cli, Command, LogFormat, NativeSidecars, RenderArgs, ServeArgs};
 use wiproxy_webhook::policy::PolicySet;
-use wiproxy_webhook::render::{render, RenderError, RenderOptions};
+use wiproxy_webhook::render;
 use wiproxy_webhook::server::{self, ServeConfig};
 use wiproxy_webhook::tls::ReloadingCertificate;
 use wiproxy_webhook::{yaml, Webhook};
@@ -85,7 +85,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 fn render_command(args: RenderArgs) -> ExitCode {
-    match render_files(&args) {
+    let rendered =
+        render::load(&args).and_then(|(input, source_name, options)| render::render(&input, &source_name, &options));
+    match rendered {
         Ok(rendered) => {
             for warning in &rendered.warnings {
                 eprintln!("warning: {warning}");
@@ -97,40 +99,10 @@ fn render_command(args: RenderArgs) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            for line in format!("{e:#}").lines() {
+            for line in e.to_string().lines() {
                 eprintln!("error: {line}");
             }
             ExitCode::FAILURE
         }
     }
-}
-
-fn render_files(args: &RenderArgs) -> anyhow::Result<wiproxy_webhook::render::Rendered> {
-    let (input, source_name) = if args.file.as_os_str() == "-" {
-        let mut text = String::new();
-        std::io::stdin().read_to_string(&mut text).context("reading standard input")?;
-        (text, "<stdin>".to_owned())
-    } else {
-        (yaml::read_file(&args.file)?, args.file.display().to_string())
-    };
-    let policies = match &args.shared.policy_file {
-        Some(path) => yaml::load_policies(path)?,
-        None => Vec::new(),
-    };
-    let cluster = match &args.shared.cluster_file {
-        Some(path) => yaml::parse_stream(&yaml::read_file(path)?, &path.display().to_string())?,
-        None => Vec::new(),
-    };
-    let native = args.native_sidecars == RenderNativeSidecars::Always;
-    let options = RenderOptions {
-        namespace: args.namespace.clone(),
-        sidecar: args.shared.sidecar(native).map_err(|e| anyhow!(e))?,
-        policies,
-        policy_required: args.shared.policy_required,
-        cluster,
-    };
-    render(&input, &source_name, &options).map_err(|e| match e {
-        RenderError::Denied(_) => anyhow!("{e}"),
-        RenderError::Input(e) => anyhow!(e),
-    })
 }

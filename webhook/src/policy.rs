@@ -162,6 +162,8 @@ impl Policy {
         self.service_accounts.iter().any(|pattern| glob_ends(pattern, &gsa).contains(&gsa.len()))
     }
 
+    /// Whether `url` (as the `url` crate serializes it: lower-case host, no default port, a path
+    /// of at least `/`, dot-segments resolved) lies under one of the allowed prefixes.
     pub fn allows_upstream(&self, url: &str) -> bool {
         self.upstreams.iter().any(|prefix| prefix_matches(prefix, url))
     }
@@ -274,7 +276,7 @@ impl PolicySet {
         }
         if let Some(policy) = selecting
             .iter()
-            .find(|p| p.allows_service_account(gsa) && upstreams.iter().all(|u| p.allows_upstream(&u.url)))
+            .find(|p| p.allows_service_account(gsa) && upstreams.iter().all(|u| p.allows_upstream(u.parsed.as_str())))
         {
             return Ok(Verdict {
                 policy: Some(policy.name.clone()),
@@ -287,7 +289,7 @@ impl PolicySet {
             return Err(Refusal::ServiceAccount { policies: names(selecting) });
         }
         for upstream in upstreams {
-            if !for_gsa.iter().any(|p| p.allows_upstream(&upstream.url)) {
+            if !for_gsa.iter().any(|p| p.allows_upstream(upstream.parsed.as_str())) {
                 return Err(Refusal::Upstream {
                     upstream: upstream.name.clone(),
                     url: upstream.url.clone(),
@@ -405,6 +407,12 @@ mod tests {
             set.evaluate(&selecting, gsa, &both),
             Err(Refusal::NoSinglePolicy { policies: vec!["a".into(), "b".into()] })
         );
+        let bare = parse_upstreams("x=https://B.example.com").expect("valid");
+        assert!(set.evaluate(&selecting, gsa, &bare).is_ok(), "a URL without a path lies under https://host/");
+        let climbing = parse_upstreams("x=https://b.example.com/x/../../y").expect("valid");
+        assert!(set.evaluate(&selecting, gsa, &climbing).is_ok());
+        let escape = parse_upstreams("x=https://b.example.com.evil.com/").expect("valid");
+        assert!(set.evaluate(&selecting, gsa, &escape).is_err());
         let elsewhere = parse_upstreams("x=https://c.example.com/x").expect("valid");
         assert!(
             matches!(set.evaluate(&selecting, gsa, &elsewhere), Err(Refusal::Upstream { upstream, .. }) if upstream == "x")

@@ -2,10 +2,13 @@
 //! are injected, ServiceAccounts get their Workload Identity annotation, everything else passes
 //! through byte for byte, and rendering the output again changes nothing.
 
+use std::io::Read;
+
 use serde_json::{json, Value};
 use wiproxy_common::GKE_SERVICE_ACCOUNT_ANNOTATION;
 
 use crate::cluster::StaticCluster;
+use crate::config::{RenderArgs, RenderNativeSidecars};
 use crate::inject::{inject, Inputs, Outcome, ServiceAccountChange, SidecarSettings};
 use crate::policy::{Policy, PolicySet};
 use crate::yaml::{self, FileError};
@@ -33,9 +36,42 @@ pub struct Rendered {
 pub enum RenderError {
     #[error(transparent)]
     Input(#[from] FileError),
+    #[error("{0}")]
+    Config(String),
+    #[error("reading standard input: {0}")]
+    Stdin(std::io::Error),
     /// One `KIND/NAME (namespace NS): message` line per denied workload.
     #[error("{}", .0.join("\n"))]
     Denied(Vec<String>),
+}
+
+/// Reads what the command line names: the manifests (`-` for standard input) with a name for
+/// messages, and the options.
+pub fn load(args: &RenderArgs) -> Result<(String, String, RenderOptions), RenderError> {
+    let (input, source_name) = if args.file.as_os_str() == "-" {
+        let mut text = String::new();
+        std::io::stdin().read_to_string(&mut text).map_err(RenderError::Stdin)?;
+        (text, "<stdin>".to_owned())
+    } else {
+        (yaml::read_file(&args.file)?, args.file.display().to_string())
+    };
+    let policies = match &args.shared.policy_file {
+        Some(path) => yaml::load_policies(path)?,
+        None => Vec::new(),
+    };
+    let cluster = match &args.shared.cluster_file {
+        Some(path) => yaml::parse_stream(&yaml::read_file(path)?, &path.display().to_string())?,
+        None => Vec::new(),
+    };
+    let native = args.native_sidecars == RenderNativeSidecars::Always;
+    let options = RenderOptions {
+        namespace: args.namespace.clone(),
+        sidecar: args.shared.sidecar(native).map_err(RenderError::Config)?,
+        policies,
+        policy_required: args.shared.policy_required,
+        cluster,
+    };
+    Ok((input, source_name, options))
 }
 
 /// Where the pod template sits in a workload, matched on the exact group/version/kind.
