@@ -12,7 +12,7 @@ use k8s_openapi::api::batch::v1::{CronJob, Job};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Service, ServiceAccount};
 use serde_json::Value;
 use wiproxy_webhook::config::{Cli, Command};
-use wiproxy_webhook::render::{self, Rendered, RenderError};
+use wiproxy_webhook::render::{self, RenderError, Rendered};
 use wiproxy_webhook::yaml;
 
 const GOLDEN: &str = "tests/golden";
@@ -105,7 +105,10 @@ fn golden_cases() {
         let stderr = stderr_of(&result);
         let output = result.as_ref().ok().map(|r| r.output.clone());
 
-        let expectations = [(dir.join("output.yaml"), output.clone()), (dir.join("stderr.txt"), Some(stderr).filter(|s| !s.is_empty()))];
+        let expectations = [
+            (dir.join("output.yaml"), output.clone()),
+            (dir.join("stderr.txt"), Some(stderr).filter(|s| !s.is_empty())),
+        ];
         for (path, actual) in expectations {
             if update {
                 match &actual {
