@@ -148,7 +148,7 @@ async fn malformed_bodies_get_clear_answers() {
     // (what, body, expected HTTP status, text the error or denial must contain)
     let cases: Vec<(&str, Vec<u8>, StatusCode, &str)> = vec![
         ("empty body", vec![], StatusCode::BAD_REQUEST, "not JSON"),
-        ("truncated JSON", fixture.to_string()[..200].as_bytes().to_vec(), StatusCode::BAD_REQUEST, "not JSON"),
+        ("truncated JSON", fixture.to_string().as_bytes()[..200].to_vec(), StatusCode::BAD_REQUEST, "not JSON"),
         ("not UTF-8", vec![0xff, 0xfe, 0x00], StatusCode::BAD_REQUEST, "not JSON"),
         ("JSON array", b"[1,2]".to_vec(), StatusCode::BAD_REQUEST, "array"),
         (
