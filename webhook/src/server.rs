@@ -150,7 +150,7 @@ pub async fn serve_tls(
                     continue;
                 }
             },
-            _ = shutdown.wait_for(|stop| *stop) => break,
+            _ = async { drop(shutdown.wait_for(|stop| *stop).await) } => break,
         };
         let acceptor = acceptor.clone();
         let service = TowerToHyperService::new(app.clone());
