@@ -91,7 +91,7 @@ async fn mutate(State(state): State<AppState>, request: Request) -> Response {
     };
     match review(&state.webhook, &body) {
         Ok((response, summary)) => {
-            let span = info_span!("review", uid = %summary.uid, ns = %summary.namespace, name = %summary.name);
+            let span = info_span!("review", uid = %summary.uid, ns = %summary.namespace, pod = %summary.name);
             span.in_scope(|| {
                 info!(result = summary.result, reason = summary.reason, "reviewed");
                 if let ServiceAccountChange::Annotate { name, gsa } = &summary.service_account {

@@ -13,8 +13,8 @@ use rustls::sign::CertifiedKey;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    #[error("cannot read {path}: {error}")]
+    Read { path: PathBuf, error: std::io::Error },
     #[error("{path}: no PEM certificate found ({why}): give the serving certificate chain in PEM")]
     NoCertificate { path: PathBuf, why: String },
     #[error("{path}: no PEM private key found ({why}): give the serving key in PEM (PKCS#8, PKCS#1 or SEC1)")]
@@ -95,7 +95,7 @@ impl ResolvesServerCert for ReloadingCertificate {
 }
 
 fn read_pair(cert: &Path, key: &Path) -> Result<(Vec<u8>, Vec<u8>), TlsError> {
-    let read = |path: &Path| std::fs::read(path).map_err(|source| TlsError::Read { path: path.to_owned(), source });
+    let read = |path: &Path| std::fs::read(path).map_err(|error| TlsError::Read { path: path.to_owned(), error });
     Ok((read(cert)?, read(key)?))
 }
 

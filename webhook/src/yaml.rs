@@ -18,8 +18,8 @@ pub struct Document {
 
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
-    #[error("cannot read {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    #[error("cannot read {path}: {error}")]
+    Read { path: PathBuf, error: std::io::Error },
     #[error("{source_name}: document {index}: invalid YAML: {why}")]
     Yaml { source_name: String, index: usize, why: String },
     #[error("{source_name}: document {index}: {why}")]
@@ -62,7 +62,7 @@ pub fn parse_stream(text: &str, source_name: &str) -> Result<Vec<Value>, FileErr
 }
 
 pub fn read_file(path: &Path) -> Result<String, FileError> {
-    std::fs::read_to_string(path).map_err(|source| FileError::Read { path: path.to_owned(), source })
+    std::fs::read_to_string(path).map_err(|error| FileError::Read { path: path.to_owned(), error })
 }
 
 /// Reads `--policy-file`: TokenProxyPolicy documents only, each checked, names unique.
