@@ -1,0 +1,144 @@
+//! The sidecar's configuration: flags, each also an environment variable (`WIPROXY_<FLAG>`), as
+//! the webhook sets them on the injected container.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use wiproxy_common::{parse_upstreams, TokenHeader, Upstream, UpstreamError};
+
+use crate::credentials::{Credentials, CredentialsError};
+use crate::http::{ClientError, Pins};
+
+#[derive(Debug, Parser)]
+#[command(name = "wiproxy", version, about = "Token proxy: adds Google-signed ID tokens to calls to private Cloud Functions and Cloud Run")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub settings: Settings,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the proxy (the default).
+    Proxy,
+    /// Print an ID token through the configured credentials, like `gcloud auth print-identity-token`.
+    Token(TokenArgs),
+}
+
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+pub struct TokenArgs {
+    /// Audience of the token.
+    #[arg(long)]
+    pub audience: Option<String>,
+    /// Use the audience of this configured upstream.
+    #[arg(long)]
+    pub upstream: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+#[derive(Debug, Args)]
+pub struct Settings {
+    /// Upstreams: NAME=URL[;audience=AUD][;header=HEADER], one per line or comma-separated.
+    #[arg(long, global = true, env = "WIPROXY_UPSTREAMS", default_value = "", hide_default_value = true)]
+    pub upstreams: String,
+    /// Address of the proxy; loopback only by default.
+    #[arg(long, global = true, env = "WIPROXY_LISTEN", default_value = "127.0.0.1:15080")]
+    pub listen: SocketAddr,
+    /// Address of the admin server (/healthz, /readyz, /metrics).
+    #[arg(long, global = true, env = "WIPROXY_ADMIN_LISTEN", default_value = "0.0.0.0:15090")]
+    pub admin_listen: SocketAddr,
+    /// Header the token travels in: authorization or x-serverless-authorization.
+    #[arg(long, global = true, env = "WIPROXY_TOKEN_HEADER", default_value = "authorization")]
+    pub token_header: String,
+    /// Google service account every token must be for (its `email` claim).
+    #[arg(long, global = true, env = "WIPROXY_EXPECTED_SERVICE_ACCOUNT")]
+    pub expected_service_account: Option<String>,
+    /// Where tokens come from: metadata, key-file:PATH or impersonate:GSA.
+    #[arg(long, global = true, env = "WIPROXY_CREDENTIALS", default_value = "metadata")]
+    pub credentials: String,
+    /// Metadata server address (host[:port]).
+    #[arg(long, global = true, env = "GCE_METADATA_HOST")]
+    pub metadata_host: Option<String>,
+    /// Extra PEM roots for upstream TLS.
+    #[arg(long, global = true, env = "WIPROXY_EXTRA_CA_FILE")]
+    pub extra_ca_file: Option<PathBuf>,
+    /// Pin hosts to addresses, HOST=IP[:PORT],…; TLS still verifies the host name.
+    #[arg(long, global = true, env = "WIPROXY_RESOLVE", default_value = "", hide_default_value = true)]
+    pub resolve: String,
+    /// Longest wait of a request for a token that is on its way, in seconds.
+    #[arg(long, global = true, env = "WIPROXY_TOKEN_WAIT", default_value_t = 15)]
+    pub token_wait: u64,
+    /// Log filter: a level, or targets such as "info,wiproxy_sidecar=debug".
+    #[arg(long, global = true, env = "WIPROXY_LOG", default_value = "info")]
+    pub log: String,
+    /// Log line format.
+    #[arg(long, global = true, env = "WIPROXY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("WIPROXY_UPSTREAMS: {0}")]
+    Upstreams(#[from] UpstreamError),
+    #[error("WIPROXY_TOKEN_HEADER: {0:?} is not supported: use {values}", values = TokenHeader::VALUES)]
+    TokenHeader(String),
+    #[error("WIPROXY_EXPECTED_SERVICE_ACCOUNT: {0:?} is not a Google service account email")]
+    ExpectedServiceAccount(String),
+    #[error(transparent)]
+    Credentials(#[from] CredentialsError),
+    #[error(transparent)]
+    Client(#[from] ClientError),
+}
+
+/// The checked configuration the proxy runs with.
+pub struct Config {
+    pub upstreams: Vec<Upstream>,
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub token_header: TokenHeader,
+    pub expected_service_account: Option<String>,
+    pub credentials: Credentials,
+    pub tls: rustls::ClientConfig,
+    pub pins: Pins,
+    pub token_wait: Duration,
+}
+
+impl Settings {
+    /// Checks everything; `need_upstreams` is false for `wiproxy token --audience`.
+    pub fn config(&self, need_upstreams: bool) -> Result<Config, ConfigError> {
+        let upstreams = if need_upstreams || !self.upstreams.trim().is_empty() {
+            parse_upstreams(&self.upstreams)?
+        } else {
+            Vec::new()
+        };
+        let token_header =
+            TokenHeader::parse(&self.token_header).ok_or_else(|| ConfigError::TokenHeader(self.token_header.clone()))?;
+        let expected_service_account =
+            self.expected_service_account.as_deref().map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned);
+        if let Some(gsa) = &expected_service_account {
+            if !wiproxy_common::is_service_account_email(gsa) {
+                return Err(ConfigError::ExpectedServiceAccount(gsa.clone()));
+            }
+        }
+        Ok(Config {
+            upstreams,
+            listen: self.listen,
+            admin_listen: self.admin_listen,
+            token_header,
+            expected_service_account,
+            credentials: Credentials::parse(&self.credentials, self.metadata_host.as_deref())?,
+            tls: crate::http::tls_config(self.extra_ca_file.as_deref())?,
+            pins: Pins::parse(&self.resolve)?,
+            token_wait: Duration::from_secs(self.token_wait),
+        })
+    }
+}

@@ -1,0 +1,316 @@
+//! Where ID tokens come from: the GKE metadata server (Workload Identity), a service-account key
+//! (signed JWT exchanged at the key's `token_uri`), or impersonation through IAM Credentials
+//! `generateIdToken` with the metadata server's access token.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use bytes::Bytes;
+use http::{header, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use ring::signature::{RsaKeyPair, RSA_PKCS1_SHA256};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::http::{BoxError, Clients};
+use crate::token::{Token, TokenError};
+
+const DEFAULT_METADATA_HOST: &str = "169.254.169.254";
+const IAM_CREDENTIALS: &str = "https://iamcredentials.googleapis.com";
+/// Longest wait for one answer; the GKE metadata server can take seconds on a cache miss.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(15);
+/// Longest error text kept from a server's answer.
+const MAX_MESSAGE: usize = 300;
+
+/// How the sidecar obtains tokens (`WIPROXY_CREDENTIALS`).
+#[derive(Clone)]
+pub enum Credentials {
+    /// `metadata`: the metadata server at `host` (`GCE_METADATA_HOST`, else 169.254.169.254).
+    Metadata { host: String },
+    /// `key-file:PATH`: a service-account key.
+    KeyFile(ServiceAccountKey),
+    /// `impersonate:GSA`: IAM Credentials, authenticated with the metadata server's access token.
+    Impersonate { service_account: String, metadata_host: String },
+}
+
+#[derive(Clone, Deserialize)]
+pub struct ServiceAccountKey {
+    pub client_email: String,
+    #[serde(default)]
+    pub private_key_id: String,
+    private_key: String,
+    pub token_uri: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialsError {
+    #[error("WIPROXY_CREDENTIALS: {0:?} is not metadata, key-file:PATH or impersonate:GSA")]
+    Unknown(String),
+    #[error("WIPROXY_CREDENTIALS: impersonate:{0:?} is not a Google service account email")]
+    BadServiceAccount(String),
+    #[error("WIPROXY_CREDENTIALS: cannot read key file {path}: {error}")]
+    ReadKey { path: String, error: std::io::Error },
+    #[error("WIPROXY_CREDENTIALS: key file {path} is not a service-account key ({why}): download a JSON key of type service_account")]
+    BadKey { path: String, why: String },
+}
+
+/// Why a fetch failed. `Config` errors are the caller's to fix and are shown in `/readyz`;
+/// `Transient` ones are retried with backoff.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FetchError {
+    #[error("{0}")]
+    Transient(String),
+    #[error("{source_name} answered {status}: {message}")]
+    Config { source_name: &'static str, status: u16, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl FetchError {
+    pub fn is_config(&self) -> bool {
+        matches!(self, Self::Config { .. } | Self::Invalid(_))
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Transient(_) => "transient",
+            Self::Config { .. } => "config",
+            Self::Invalid(_) => "invalid",
+        }
+    }
+}
+
+impl From<TokenError> for FetchError {
+    fn from(e: TokenError) -> Self {
+        Self::Invalid(e.to_string())
+    }
+}
+
+impl Credentials {
+    /// Parses `WIPROXY_CREDENTIALS`; `metadata_host` is `GCE_METADATA_HOST` when set.
+    pub fn parse(spec: &str, metadata_host: Option<&str>) -> Result<Self, CredentialsError> {
+        let metadata_host = metadata_host.filter(|h| !h.is_empty()).unwrap_or(DEFAULT_METADATA_HOST).to_owned();
+        let spec = spec.trim();
+        if spec.is_empty() || spec == "metadata" {
+            return Ok(Self::Metadata { host: metadata_host });
+        }
+        if let Some(path) = spec.strip_prefix("key-file:") {
+            return Ok(Self::KeyFile(ServiceAccountKey::load(Path::new(path))?));
+        }
+        if let Some(gsa) = spec.strip_prefix("impersonate:") {
+            if !wiproxy_common::is_service_account_email(gsa) {
+                return Err(CredentialsError::BadServiceAccount(gsa.to_owned()));
+            }
+            return Ok(Self::Impersonate { service_account: gsa.to_owned(), metadata_host });
+        }
+        Err(CredentialsError::Unknown(spec.to_owned()))
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Metadata { host } => format!("metadata server {host}"),
+            Self::KeyFile(key) => format!("key of {}", key.client_email),
+            Self::Impersonate { service_account, .. } => format!("impersonation of {service_account}"),
+        }
+    }
+
+    /// Fetches a fresh ID token for `audience`.
+    pub async fn fetch(&self, clients: &Clients, audience: &str) -> Result<Token, FetchError> {
+        let raw = match self {
+            Self::Metadata { host } => metadata_id_token(clients, host, audience).await?,
+            Self::KeyFile(key) => key.exchange(clients, audience).await?,
+            Self::Impersonate { service_account, metadata_host } => {
+                impersonate(clients, metadata_host, service_account, audience).await?
+            }
+        };
+        Ok(Token::parse(&raw, SystemTime::now())?)
+    }
+}
+
+impl ServiceAccountKey {
+    pub fn load(path: &Path) -> Result<Self, CredentialsError> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|error| CredentialsError::ReadKey { path: name.clone(), error })?;
+        let key: Self =
+            serde_json::from_str(&text).map_err(|e| CredentialsError::BadKey { path: name.clone(), why: e.to_string() })?;
+        key.signer().map_err(|why| CredentialsError::BadKey { path: name, why })?;
+        Ok(key)
+    }
+
+    fn signer(&self) -> Result<RsaKeyPair, String> {
+        let der = pem_body(&self.private_key, "PRIVATE KEY").ok_or("private_key is not a PEM PRIVATE KEY")?;
+        RsaKeyPair::from_pkcs8(&der).map_err(|e| format!("private_key is not an RSA PKCS#8 key: {e}"))
+    }
+
+    /// The signed JWT assertion asking the token endpoint for an ID token for `audience`.
+    fn assertion(&self, audience: &str, now: SystemTime) -> Result<String, FetchError> {
+        let iat = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+        let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+        let header = json!({"alg": "RS256", "typ": "JWT", "kid": self.private_key_id});
+        let claims = json!({
+            "iss": self.client_email,
+            "sub": self.client_email,
+            "aud": self.token_uri,
+            "iat": iat,
+            "exp": iat + 3600,
+            "target_audience": audience,
+        });
+        let signing_input = format!("{}.{}", b64(header.to_string().as_bytes()), b64(claims.to_string().as_bytes()));
+        let signer = self.signer().map_err(FetchError::Invalid)?;
+        let mut signature = vec![0; signer.public().modulus_len()];
+        signer
+            .sign(&RSA_PKCS1_SHA256, &ring::rand::SystemRandom::new(), signing_input.as_bytes(), &mut signature)
+            .map_err(|_| FetchError::Invalid("cannot sign the JWT assertion with the key".to_owned()))?;
+        Ok(format!("{signing_input}.{}", b64(&signature)))
+    }
+
+    async fn exchange(&self, clients: &Clients, audience: &str) -> Result<String, FetchError> {
+        let assertion = self.assertion(audience, SystemTime::now())?;
+        let form = url::form_urlencoded::Serializer::new(String::new())
+            .append_pair("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer")
+            .append_pair("assertion", &assertion)
+            .finish();
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri(&self.token_uri)
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .body(Full::new(Bytes::from(form)));
+        let body = send(clients, request, "token endpoint").await?;
+        json_field(&body, "id_token", "token endpoint")
+    }
+}
+
+fn pem_body(pem: &str, label: &str) -> Option<Vec<u8>> {
+    let begin = format!("-----BEGIN {label}-----");
+    let end = format!("-----END {label}-----");
+    let start = pem.find(&begin)? + begin.len();
+    let stop = pem[start..].find(&end)? + start;
+    let b64: String = pem[start..stop].chars().filter(|c| !c.is_whitespace()).collect();
+    base64::engine::general_purpose::STANDARD.decode(b64).ok()
+}
+
+async fn metadata_id_token(clients: &Clients, host: &str, audience: &str) -> Result<String, FetchError> {
+    let query = url::form_urlencoded::Serializer::new(String::new())
+        .append_pair("audience", audience)
+        .append_pair("format", "full")
+        .finish();
+    let uri = format!("http://{host}/computeMetadata/v1/instance/service-accounts/default/identity?{query}");
+    let request = Request::get(uri).header("Metadata-Flavor", "Google").body(Full::new(Bytes::new()));
+    let body = send(clients, request, "metadata server").await?;
+    Ok(String::from_utf8_lossy(&body).trim().to_owned())
+}
+
+async fn impersonate(
+    clients: &Clients,
+    metadata_host: &str,
+    service_account: &str,
+    audience: &str,
+) -> Result<String, FetchError> {
+    let uri = format!("http://{metadata_host}/computeMetadata/v1/instance/service-accounts/default/token");
+    let request = Request::get(uri).header("Metadata-Flavor", "Google").body(Full::new(Bytes::new()));
+    let body = send(clients, request, "metadata server").await?;
+    let access_token = json_field(&body, "access_token", "metadata server")?;
+    let uri = format!("{IAM_CREDENTIALS}/v1/projects/-/serviceAccounts/{service_account}:generateIdToken");
+    let request = Request::post(uri)
+        .header(header::AUTHORIZATION, format!("Bearer {access_token}"))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(json!({"audience": audience, "includeEmail": true}).to_string())));
+    let body = send(clients, request, "IAM Credentials").await?;
+    json_field(&body, "token", "IAM Credentials")
+}
+
+fn json_field(body: &[u8], field: &str, source_name: &'static str) -> Result<String, FetchError> {
+    let value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|_| FetchError::Invalid(format!("{source_name} answered with something that is not JSON")))?;
+    value[field]
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| FetchError::Invalid(format!("{source_name} answered without {field}")))
+}
+
+async fn send(
+    clients: &Clients,
+    request: Result<Request<Full<Bytes>>, http::Error>,
+    source_name: &'static str,
+) -> Result<Bytes, FetchError> {
+    let request = request.map_err(|e| FetchError::Invalid(format!("cannot build the request to {source_name}: {e}")))?;
+    let request = request.map(|body| body.map_err(|never| -> BoxError { match never {} }).boxed());
+    let response = match tokio::time::timeout(FETCH_TIMEOUT, clients.any.request(request)).await {
+        Err(_) => return Err(FetchError::Transient(format!("{source_name} did not answer within {FETCH_TIMEOUT:?}"))),
+        Ok(Err(e)) => return Err(FetchError::Transient(format!("cannot reach {source_name}: {}", error_chain(&e)))),
+        Ok(Ok(response)) => response,
+    };
+    let status = response.status();
+    let body = tokio::time::timeout(FETCH_TIMEOUT, response.into_body().collect())
+        .await
+        .map_err(|_| FetchError::Transient(format!("{source_name} stalled while answering")))?
+        .map_err(|e| FetchError::Transient(format!("{source_name} broke off its answer: {e}")))?
+        .to_bytes();
+    if status.is_success() {
+        return Ok(body);
+    }
+    let message = server_message(&body);
+    match status {
+        StatusCode::TOO_MANY_REQUESTS => Err(FetchError::Transient(format!("{source_name} answered 429: {message}"))),
+        s if s.is_server_error() => Err(FetchError::Transient(format!("{source_name} answered {}: {message}", s.as_u16()))),
+        s => Err(FetchError::Config { source_name, status: s.as_u16(), message }),
+    }
+}
+
+/// The server's own words, shortened: a JSON `error_description`/`error.message`, else the text.
+fn server_message(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let from_json = serde_json::from_str::<serde_json::Value>(&text).ok().and_then(|v| {
+        v["error_description"]
+            .as_str()
+            .or_else(|| v["error"]["message"].as_str())
+            .or_else(|| v["error"].as_str())
+            .map(str::to_owned)
+    });
+    let message = from_json.unwrap_or_else(|| text.trim().to_owned());
+    let mut message: String = message.chars().take(MAX_MESSAGE).collect();
+    if message.is_empty() {
+        message = "(no message)".to_owned();
+    }
+    message
+}
+
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_credential_specs() {
+        assert!(matches!(Credentials::parse("", None), Ok(Credentials::Metadata { host }) if host == "169.254.169.254"));
+        assert!(
+            matches!(Credentials::parse("metadata", Some("127.0.0.1:8080")), Ok(Credentials::Metadata { host }) if host == "127.0.0.1:8080")
+        );
+        assert!(matches!(
+            Credentials::parse("impersonate:a@p.iam.gserviceaccount.com", None),
+            Ok(Credentials::Impersonate { .. })
+        ));
+        assert!(matches!(Credentials::parse("impersonate:nobody", None), Err(CredentialsError::BadServiceAccount(_))));
+        assert!(matches!(Credentials::parse("key-file:/nonexistent.json", None), Err(CredentialsError::ReadKey { .. })));
+        assert!(matches!(Credentials::parse("vault", None), Err(CredentialsError::Unknown(_))));
+    }
+
+    #[test]
+    fn server_messages_are_short_and_plain() {
+        assert_eq!(server_message(br#"{"error":"invalid_grant","error_description":"bad key"}"#), "bad key");
+        assert_eq!(server_message(br#"{"error":{"code":403,"message":"denied"}}"#), "denied");
+        assert_eq!(server_message(b" Not found \n"), "Not found");
+        assert_eq!(server_message(&[b'x'; 1000]).len(), MAX_MESSAGE);
+    }
+}

@@ -1,0 +1,148 @@
+//! wiproxy, the token-proxy sidecar: listens on the pod's loopback, adds a Google-signed ID token
+//! for each configured upstream, and forwards over HTTPS.
+
+pub mod admin;
+pub mod cache;
+pub mod config;
+pub mod credentials;
+pub mod http;
+pub mod metrics;
+pub mod proxy;
+pub mod routes;
+pub mod token;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::admin::Admin;
+use crate::cache::{TokenCache, TokenSource};
+use crate::config::Config;
+use crate::credentials::{Credentials, FetchError};
+use crate::http::{Body, Clients};
+use crate::metrics::Metrics;
+use crate::proxy::Proxy;
+use crate::routes::Routes;
+use crate::token::Token;
+
+/// The configured credentials as the cache's token source.
+pub struct CredentialSource {
+    pub credentials: Credentials,
+    pub clients: Clients,
+}
+
+impl TokenSource for CredentialSource {
+    fn fetch<'a>(&'a self, audience: &'a str) -> Pin<Box<dyn Future<Output = Result<Token, FetchError>> + Send + 'a>> {
+        Box::pin(self.credentials.fetch(&self.clients, audience))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot listen on {addr} ({what}): {error}")]
+    Listen { addr: std::net::SocketAddr, what: &'static str, error: std::io::Error },
+}
+
+/// Runs the proxy and the admin server until `shutdown` turns true.
+pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), RunError> {
+    let metrics = Arc::new(Metrics::default());
+    let clients = Clients::new(config.tls, config.pins);
+    let routes = Routes::new(&config.upstreams, config.token_header);
+    let source = Arc::new(CredentialSource { credentials: config.credentials.clone(), clients: clients.clone() });
+    let audiences = routes.iter().map(|r| r.audience.clone());
+    let cache = TokenCache::start(audiences, source, config.expected_service_account.clone(), metrics.clone());
+
+    let listen = |addr, what| async move {
+        TcpListener::bind(addr).await.map_err(|error| RunError::Listen { addr, what, error })
+    };
+    let proxy_listener = listen(config.listen, "WIPROXY_LISTEN").await?;
+    let admin_listener = listen(config.admin_listen, "WIPROXY_ADMIN_LISTEN").await?;
+    info!(
+        listen = %config.listen,
+        admin = %config.admin_listen,
+        credentials = %config.credentials.describe(),
+        upstreams = routes.iter().map(|r| r.name.as_str()).collect::<Vec<_>>().join(","),
+        "serving"
+    );
+
+    let proxy = Arc::new(Proxy { routes: routes.clone(), cache: cache.clone(), clients, metrics: metrics.clone(), token_wait: config.token_wait });
+    let admin = Arc::new(Admin { routes, cache, metrics });
+    let admin_task = tokio::spawn(serve(admin_listener, shutdown.clone(), move |request| {
+        let admin = admin.clone();
+        async move { admin.handle(request).await }
+    }));
+    serve(proxy_listener, shutdown, move |request| {
+        let proxy = proxy.clone();
+        async move { proxy.handle(request).await }
+    })
+    .await;
+    let _ = admin_task.await;
+    Ok(())
+}
+
+/// Serves HTTP/1.1 (with upgrades) and h2c on `listener`; on shutdown, lets open requests finish
+/// for up to 10 s.
+pub async fn serve<F, Fut>(listener: TcpListener, mut shutdown: watch::Receiver<bool>, handler: F)
+where
+    F: Fn(hyper::Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = hyper::Response<Body>> + Send + 'static,
+{
+    let graceful = GracefulShutdown::new();
+    let builder = auto::Builder::new(TokioExecutor::new());
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = async { drop(shutdown.wait_for(|stop| *stop).await) } => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let handler = handler.clone();
+        let service = service_fn(move |request| {
+            let handler = handler.clone();
+            async move { Ok::<_, std::convert::Infallible>(handler(request).await) }
+        });
+        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+        let watched = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = watched.await {
+                debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(Duration::from_secs(10)) => warn!("open connections closed after 10 s"),
+    }
+}
+
+/// `wiproxy token`: one fetch through the configured credentials, no cache.
+pub async fn print_token(config: &Config, audience: &str) -> Result<Token, FetchError> {
+    let clients = Clients::new(config.tls.clone(), config.pins.clone());
+    let token = config.credentials.fetch(&clients, audience).await?;
+    if let Some(expected) = &config.expected_service_account {
+        if !token.email.as_deref().is_some_and(|email| email.eq_ignore_ascii_case(expected)) {
+            return Err(FetchError::Invalid(format!(
+                "the token is for {}, not for the expected service account {expected}",
+                token.email.as_deref().unwrap_or("no email")
+            )));
+        }
+    }
+    Ok(token)
+}

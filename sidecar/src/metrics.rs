@@ -1,0 +1,76 @@
+//! Prometheus metrics of the sidecar, served on the admin port.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub upstream: String,
+    pub status: u16,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FetchLabels {
+    pub audience: String,
+    pub result: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AudienceLabels {
+    pub audience: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub fetches: Family<FetchLabels, Counter>,
+    pub fetch_seconds: Histogram,
+    pub token_ttl: Family<AudienceLabels, Gauge>,
+    pub cache_hits: Family<AudienceLabels, Counter>,
+    pub cache_waits: Family<AudienceLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("wiproxy");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register("requests", "Proxied requests, by upstream and status", requests.clone());
+        let fetches = Family::<FetchLabels, Counter>::default();
+        registry.register("token_fetches", "ID token fetches, by audience and result", fetches.clone());
+        let fetch_seconds = Histogram::new([0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0]);
+        registry.register("token_fetch_duration_seconds", "Time to fetch an ID token", fetch_seconds.clone());
+        let token_ttl = Family::<AudienceLabels, Gauge>::default();
+        registry.register("token_ttl_seconds", "Seconds until the cached token expires", token_ttl.clone());
+        let cache_hits = Family::<AudienceLabels, Counter>::default();
+        registry.register("token_cache_hits", "Requests served a cached token at once", cache_hits.clone());
+        let cache_waits = Family::<AudienceLabels, Counter>::default();
+        registry.register("token_cache_waits", "Requests that waited for a token", cache_waits.clone());
+        Self { registry, requests, fetches, fetch_seconds, token_ttl, cache_hits, cache_waits }
+    }
+}
+
+impl Metrics {
+    pub fn request(&self, upstream: &str, status: u16) {
+        self.requests.get_or_create(&RequestLabels { upstream: upstream.to_owned(), status }).inc();
+    }
+
+    pub fn fetch(&self, audience: &str, result: &str, seconds: f64) {
+        self.fetches.get_or_create(&FetchLabels { audience: audience.to_owned(), result: result.to_owned() }).inc();
+        self.fetch_seconds.observe(seconds);
+    }
+
+    pub fn audience(audience: &str) -> AudienceLabels {
+        AudienceLabels { audience: audience.to_owned() }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
