@@ -28,9 +28,16 @@ impl Admin {
             "/readyz" => self.readyz(),
             "/metrics" => {
                 self.cache.observe_ttl();
-                text(StatusCode::OK, self.metrics.encode(), "application/openmetrics-text; version=1.0.0; charset=utf-8")
+                text(
+                    StatusCode::OK,
+                    self.metrics.encode(),
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                )
             }
-            _ => json_response(StatusCode::NOT_FOUND, json!({"error": "the admin server serves /healthz, /readyz and /metrics"})),
+            _ => json_response(
+                StatusCode::NOT_FOUND,
+                json!({"error": "the admin server serves /healthz, /readyz and /metrics"}),
+            ),
         }
     }
 

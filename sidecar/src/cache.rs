@@ -251,7 +251,10 @@ mod tests {
     }
 
     impl TokenSource for Scripted {
-        fn fetch<'a>(&'a self, _audience: &'a str) -> Pin<Box<dyn Future<Output = Result<Token, FetchError>> + Send + 'a>> {
+        fn fetch<'a>(
+            &'a self,
+            _audience: &'a str,
+        ) -> Pin<Box<dyn Future<Output = Result<Token, FetchError>> + Send + 'a>> {
             Box::pin(async move {
                 self.fetches.fetch_add(1, Ordering::SeqCst);
                 tokio::time::sleep(self.delay).await;

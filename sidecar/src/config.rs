@@ -12,7 +12,11 @@ use crate::credentials::{Credentials, CredentialsError};
 use crate::http::{ClientError, Pins};
 
 #[derive(Debug, Parser)]
-#[command(name = "wiproxy", version, about = "Token proxy: adds Google-signed ID tokens to calls to private Cloud Functions and Cloud Run")]
+#[command(
+    name = "wiproxy",
+    version,
+    about = "Token proxy: adds Google-signed ID tokens to calls to private Cloud Functions and Cloud Run"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -120,8 +124,8 @@ impl Settings {
         } else {
             Vec::new()
         };
-        let token_header =
-            TokenHeader::parse(&self.token_header).ok_or_else(|| ConfigError::TokenHeader(self.token_header.clone()))?;
+        let token_header = TokenHeader::parse(&self.token_header)
+            .ok_or_else(|| ConfigError::TokenHeader(self.token_header.clone()))?;
         let expected_service_account =
             self.expected_service_account.as_deref().map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned);
         if let Some(gsa) = &expected_service_account {

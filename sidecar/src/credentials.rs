@@ -131,9 +131,10 @@ impl Credentials {
 impl ServiceAccountKey {
     pub fn load(path: &Path) -> Result<Self, CredentialsError> {
         let name = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|error| CredentialsError::ReadKey { path: name.clone(), error })?;
-        let key: Self =
-            serde_json::from_str(&text).map_err(|e| CredentialsError::BadKey { path: name.clone(), why: e.to_string() })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|error| CredentialsError::ReadKey { path: name.clone(), error })?;
+        let key: Self = serde_json::from_str(&text)
+            .map_err(|e| CredentialsError::BadKey { path: name.clone(), why: e.to_string() })?;
         key.signer().map_err(|why| CredentialsError::BadKey { path: name, why })?;
         Ok(key)
     }
@@ -234,7 +235,8 @@ async fn send(
     request: Result<Request<Full<Bytes>>, http::Error>,
     source_name: &'static str,
 ) -> Result<Bytes, FetchError> {
-    let request = request.map_err(|e| FetchError::Invalid(format!("cannot build the request to {source_name}: {e}")))?;
+    let request =
+        request.map_err(|e| FetchError::Invalid(format!("cannot build the request to {source_name}: {e}")))?;
     let request = request.map(|body| body.map_err(|never| -> BoxError { match never {} }).boxed());
     let response = match tokio::time::timeout(FETCH_TIMEOUT, clients.any.request(request)).await {
         Err(_) => return Err(FetchError::Transient(format!("{source_name} did not answer within {FETCH_TIMEOUT:?}"))),
@@ -253,7 +255,9 @@ async fn send(
     let message = server_message(&body);
     match status {
         StatusCode::TOO_MANY_REQUESTS => Err(FetchError::Transient(format!("{source_name} answered 429: {message}"))),
-        s if s.is_server_error() => Err(FetchError::Transient(format!("{source_name} answered {}: {message}", s.as_u16()))),
+        s if s.is_server_error() => {
+            Err(FetchError::Transient(format!("{source_name} answered {}: {message}", s.as_u16())))
+        }
         s => Err(FetchError::Config { source_name, status: s.as_u16(), message }),
     }
 }
@@ -293,7 +297,9 @@ mod tests {
 
     #[test]
     fn parses_credential_specs() {
-        assert!(matches!(Credentials::parse("", None), Ok(Credentials::Metadata { host }) if host == "169.254.169.254"));
+        assert!(
+            matches!(Credentials::parse("", None), Ok(Credentials::Metadata { host }) if host == "169.254.169.254")
+        );
         assert!(
             matches!(Credentials::parse("metadata", Some("127.0.0.1:8080")), Ok(Credentials::Metadata { host }) if host == "127.0.0.1:8080")
         );
@@ -302,7 +308,10 @@ mod tests {
             Ok(Credentials::Impersonate { .. })
         ));
         assert!(matches!(Credentials::parse("impersonate:nobody", None), Err(CredentialsError::BadServiceAccount(_))));
-        assert!(matches!(Credentials::parse("key-file:/nonexistent.json", None), Err(CredentialsError::ReadKey { .. })));
+        assert!(matches!(
+            Credentials::parse("key-file:/nonexistent.json", None),
+            Err(CredentialsError::ReadKey { .. })
+        ));
         assert!(matches!(Credentials::parse("vault", None), Err(CredentialsError::Unknown(_))));
     }
 

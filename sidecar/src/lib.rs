@@ -75,7 +75,13 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
         "serving"
     );
 
-    let proxy = Arc::new(Proxy { routes: routes.clone(), cache: cache.clone(), clients, metrics: metrics.clone(), token_wait: config.token_wait });
+    let proxy = Arc::new(Proxy {
+        routes: routes.clone(),
+        cache: cache.clone(),
+        clients,
+        metrics: metrics.clone(),
+        token_wait: config.token_wait,
+    });
     let admin = Arc::new(Admin { routes, cache, metrics });
     let admin_task = tokio::spawn(serve(admin_listener, shutdown.clone(), move |request| {
         let admin = admin.clone();

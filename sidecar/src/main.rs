@@ -20,7 +20,10 @@ fn main() -> ExitCode {
         }
     };
     let token_command = matches!(cli.command, Some(Command::Token(_)));
-    let config = match cli.settings.config(!token_command || matches!(&cli.command, Some(Command::Token(t)) if t.upstream.is_some())) {
+    let config = match cli
+        .settings
+        .config(!token_command || matches!(&cli.command, Some(Command::Token(t)) if t.upstream.is_some()))
+    {
         Ok(config) => config,
         Err(e) => {
             tracing::error!(error = %e, "invalid configuration");

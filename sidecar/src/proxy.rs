@@ -66,8 +66,13 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     for name in named {
         headers.remove(name);
     }
-    for name in [header::TE, header::TRAILER, header::TRANSFER_ENCODING, header::PROXY_AUTHORIZATION, header::PROXY_AUTHENTICATE]
-    {
+    for name in [
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::PROXY_AUTHORIZATION,
+        header::PROXY_AUTHENTICATE,
+    ] {
         headers.remove(name);
     }
     headers.remove("keep-alive");
@@ -190,7 +195,10 @@ impl Proxy {
         loop {
             let mut headers = parts.headers.clone();
             if let Err(status) = set_token(&mut headers, route.header, &token) {
-                return json_response(status, json!({"error": "the token is not a valid header value", "upstream": route.name}));
+                return json_response(
+                    status,
+                    json!({"error": "the token is not a valid header value", "upstream": route.name}),
+                );
             }
             let (out_body, replay) = match std::mem::replace(&mut body, OutBody::Replayable(Bytes::new())) {
                 OutBody::Replayable(bytes) => {
@@ -238,7 +246,11 @@ fn respond(response: Response<Incoming>) -> Response<Body> {
 }
 
 /// Joins the app's connection and the upstream's once both have switched protocols.
-fn switch_protocols(route: &Route, mut response: Response<Incoming>, inbound: hyper::upgrade::OnUpgrade) -> Response<Body> {
+fn switch_protocols(
+    route: &Route,
+    mut response: Response<Incoming>,
+    inbound: hyper::upgrade::OnUpgrade,
+) -> Response<Body> {
     let outbound = hyper::upgrade::on(&mut response);
     let name = route.name.clone();
     tokio::spawn(async move {
@@ -279,7 +291,10 @@ fn upstream_error(route: &Route, error: &hyper_util::client::legacy::Error) -> R
     let status = if timed_out { StatusCode::GATEWAY_TIMEOUT } else { StatusCode::BAD_GATEWAY };
     let reason = error_chain(error);
     warn!(upstream = %route.name, status = status.as_u16(), error = %reason, "upstream unreachable");
-    json_response(status, json!({"error": "the upstream could not be reached", "upstream": route.name, "reason": reason}))
+    json_response(
+        status,
+        json!({"error": "the upstream could not be reached", "upstream": route.name, "reason": reason}),
+    )
 }
 
 #[cfg(test)]

@@ -126,7 +126,10 @@ impl Routes {
             .map(|(_, value)| value.into_owned())
             .ok_or_else(|| refuse(StatusCode::BAD_REQUEST, format!("give the upstream: {TOKEN_PATH}?upstream=NAME")))?;
         let index = self.routes.iter().position(|r| r.name == name).ok_or_else(|| {
-            refuse(StatusCode::NOT_FOUND, format!("no upstream named {name:?}: the configured upstreams are {}", self.names()))
+            refuse(
+                StatusCode::NOT_FOUND,
+                format!("no upstream named {name:?}: the configured upstreams are {}", self.names()),
+            )
         })?;
         Ok(Destination::Token { index })
     }
@@ -149,7 +152,10 @@ impl Routes {
         let Some((index, route)) = best else {
             return Err(refuse(
                 StatusCode::FORBIDDEN,
-                format!("{uri} is not under a configured upstream: only {} may be called through this proxy", self.names()),
+                format!(
+                    "{uri} is not under a configured upstream: only {} may be called through this proxy",
+                    self.names()
+                ),
             ));
         };
         check_dot_segments(&path[route.base_path.len()..])?;
@@ -236,7 +242,14 @@ mod tests {
 
     #[test]
     fn dot_segments_cannot_climb_out() {
-        for uri in ["/orders/..", "/orders/../admin", "/orders/a/../../x", "/orders/%2e%2e/x", "/orders/%2E./x", "/orders/.%2e"] {
+        for uri in [
+            "/orders/..",
+            "/orders/../admin",
+            "/orders/a/../../x",
+            "/orders/%2e%2e/x",
+            "/orders/%2E./x",
+            "/orders/.%2e",
+        ] {
             assert_eq!(resolve(Method::GET, uri), Err(StatusCode::BAD_REQUEST), "{uri}");
         }
     }

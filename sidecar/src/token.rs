@@ -36,7 +36,8 @@ struct Claims {
 /// The non-secret claims of a JWT, as JSON. The signature is never looked at.
 pub fn claims(raw: &str) -> Result<serde_json::Value, TokenError> {
     let mut parts = raw.trim().split('.');
-    let (Some(_header), Some(payload), Some(_signature), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    let (Some(_header), Some(payload), Some(_signature), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return Err(TokenError::NotJwt);
     };
@@ -55,8 +56,7 @@ impl Token {
     /// lie ahead: Google's tokens are not always 3600 s, and a clock or server bug can send an
     /// expired one.
     pub fn parse(raw: &str, now: SystemTime) -> Result<Self, TokenError> {
-        let claims: Claims =
-            serde_json::from_value(claims(raw)?).map_err(|e| TokenError::Claims(e.to_string()))?;
+        let claims: Claims = serde_json::from_value(claims(raw)?).map_err(|e| TokenError::Claims(e.to_string()))?;
         let expires_at = epoch(claims.exp);
         if expires_at <= now {
             let late = now.duration_since(expires_at).unwrap_or_default().as_secs();

@@ -1,0 +1,59 @@
+//! A small HTTP client for talking to the sidecar and the fakes in tests.
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|_| serde_json::Value::String(self.text()))
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+#[derive(Clone)]
+pub struct Http {
+    client: Client<HttpConnector, Full<Bytes>>,
+}
+
+impl Default for Http {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Http {
+    pub fn new() -> Self {
+        Self { client: Client::builder(TokioExecutor::new()).build_http() }
+    }
+
+    /// Speaks h2 with prior knowledge (h2c).
+    pub fn h2c() -> Self {
+        Self { client: Client::builder(TokioExecutor::new()).http2_only(true).build_http() }
+    }
+
+    pub async fn send(&self, request: Request<Full<Bytes>>) -> Result<Reply, String> {
+        let response = self.client.request(request).await.map_err(|e| e.to_string())?;
+        let status = response.status();
+        let headers = response.headers().clone();
+        let body = response.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+        Ok(Reply { status, headers, body })
+    }
+
+    pub async fn get(&self, url: &str) -> Reply {
+        let request = Request::get(url).body(Full::new(Bytes::new())).expect("request");
+        self.send(request).await.unwrap_or_else(|e| panic!("GET {url}: {e}"))
+    }
+}

@@ -1,0 +1,277 @@
+//! Fakes of Google's side: the GKE metadata server (Workload Identity), the OAuth token endpoint
+//! (service-account keys) and IAM Credentials (`generateIdToken`). They share one signing key
+//! and remember every token they hand out, so tests can check that none leaks into logs.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Query, Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::jwt::{now, Signer, Verifier};
+
+/// The fake service-account key of `tests/fixtures`, as the `key-file:` credential reads it.
+pub const SERVICE_ACCOUNT_KEY: &str = include_str!("../fixtures/service-account-key.json");
+
+pub struct Google {
+    signer: Signer,
+    key_file: Verifier,
+    key_file_email: String,
+    next_id: AtomicU64,
+    /// Every token handed out, ID and access tokens alike.
+    minted: Mutex<Vec<String>>,
+    access_tokens: Mutex<HashMap<String, String>>,
+    /// ID tokens served by the metadata server's identity endpoint (all audiences).
+    pub identity_fetches: AtomicUsize,
+    /// Lifetime of the ID tokens minted from now on, in seconds.
+    pub lifetime_secs: AtomicU64,
+    /// Delay before the metadata server answers, in milliseconds.
+    pub delay_ms: AtomicU64,
+    /// When set, the metadata server answers every identity request with this status and text.
+    pub failure: Mutex<Option<(u16, String)>>,
+    /// The GSA the pod's KSA is bound to; `None` is an unbound KSA (404).
+    pub bound: Mutex<Option<String>>,
+    /// GSAs the bound GSA may impersonate through IAM Credentials.
+    pub impersonable: Mutex<Vec<String>>,
+}
+
+impl Google {
+    pub fn new(bound: &str) -> Arc<Self> {
+        let key: Value = serde_json::from_str(SERVICE_ACCOUNT_KEY).expect("fixture key is JSON");
+        let key_file = Signer::from_pem(key["private_key"].as_str().unwrap_or_default(), "sa")
+            .expect("fixture key is RSA")
+            .verifier();
+        Arc::new(Self {
+            signer: Signer::google(),
+            key_file,
+            key_file_email: key["client_email"].as_str().unwrap_or_default().to_owned(),
+            next_id: AtomicU64::new(1),
+            minted: Mutex::default(),
+            access_tokens: Mutex::default(),
+            identity_fetches: AtomicUsize::new(0),
+            lifetime_secs: AtomicU64::new(3600),
+            delay_ms: AtomicU64::new(0),
+            failure: Mutex::default(),
+            bound: Mutex::new(Some(bound.to_owned())),
+            impersonable: Mutex::default(),
+        })
+    }
+
+    pub fn verifier(&self) -> Verifier {
+        self.signer.verifier()
+    }
+
+    pub fn minted(&self) -> Vec<String> {
+        self.minted.lock().expect("lock").clone()
+    }
+
+    pub fn set_failure(&self, failure: Option<(u16, &str)>) {
+        *self.failure.lock().expect("lock") = failure.map(|(status, text)| (status, text.to_owned()));
+    }
+
+    /// A Google-style ID token: RS256 with iss, aud, azp, sub, email, email_verified, iat, exp.
+    pub fn mint(&self, audience: &str, email: &str, with_email: bool) -> String {
+        let id = self.next_id.fetch_add(1, Ordering::SeqCst);
+        let iat = now();
+        let mut claims = json!({
+            "iss": "https://accounts.google.com",
+            "aud": audience,
+            "azp": "104857600000000000001",
+            "sub": "104857600000000000001",
+            "iat": iat,
+            "exp": iat + self.lifetime_secs.load(Ordering::SeqCst),
+            "jti": format!("fake-{id}"),
+        });
+        if with_email {
+            claims["email"] = json!(email);
+            claims["email_verified"] = json!(true);
+        }
+        let token = self.signer.sign(&claims);
+        self.minted.lock().expect("lock").push(token.clone());
+        token
+    }
+
+    fn access_token(&self, email: &str) -> String {
+        let token = format!("ya29.fake-access-{}-{}", self.next_id.fetch_add(1, Ordering::SeqCst), now());
+        self.access_tokens.lock().expect("lock").insert(token.clone(), email.to_owned());
+        self.minted.lock().expect("lock").push(token.clone());
+        token
+    }
+}
+
+fn text(status: u16, message: &str) -> Response {
+    (StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), format!("{message}\n")).into_response()
+}
+
+/// Checks the metadata server applies to every request: `Metadata-Flavor: Google` and no
+/// `X-Forwarded-For` (it refuses proxied requests).
+fn metadata_guard(headers: &HeaderMap) -> Option<Response> {
+    if headers.get("metadata-flavor").and_then(|v| v.to_str().ok()) != Some("Google") {
+        return Some(text(403, "Missing required header \"Metadata-Flavor\": \"Google\""));
+    }
+    if headers.contains_key("x-forwarded-for") {
+        return Some(text(403, "Request denied: the metadata server does not accept requests with X-Forwarded-For"));
+    }
+    None
+}
+
+#[derive(Deserialize)]
+struct IdentityQuery {
+    audience: Option<String>,
+    format: Option<String>,
+}
+
+async fn identity(
+    State(google): State<Arc<Google>>,
+    headers: HeaderMap,
+    Query(query): Query<IdentityQuery>,
+) -> Response {
+    if let Some(refusal) = metadata_guard(&headers) {
+        return refusal;
+    }
+    let Some(audience) = query.audience.filter(|a| !a.is_empty()) else {
+        return text(400, "non-empty audience parameter required");
+    };
+    let delay = google.delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    google.identity_fetches.fetch_add(1, Ordering::SeqCst);
+    if let Some((status, message)) = google.failure.lock().expect("lock").clone() {
+        return text(status, &message);
+    }
+    let Some(email) = google.bound.lock().expect("lock").clone() else {
+        return text(
+            404,
+            "The Kubernetes service account is not bound to a Google service account: add the roles/iam.workloadIdentityUser binding and the iam.gke.io/gcp-service-account annotation",
+        );
+    };
+    let full = query.format.as_deref() == Some("full");
+    google.mint(&audience, &email, full).into_response()
+}
+
+async fn metadata_access_token(State(google): State<Arc<Google>>, headers: HeaderMap) -> Response {
+    if let Some(refusal) = metadata_guard(&headers) {
+        return refusal;
+    }
+    let Some(email) = google.bound.lock().expect("lock").clone() else {
+        return text(404, "The Kubernetes service account is not bound to a Google service account");
+    };
+    Json(json!({"access_token": google.access_token(&email), "expires_in": 3599, "token_type": "Bearer"}))
+        .into_response()
+}
+
+/// The GKE metadata server, served over plain HTTP as in a pod.
+pub fn metadata_router(google: Arc<Google>) -> Router {
+    Router::new()
+        .route("/computeMetadata/v1/instance/service-accounts/default/identity", get(identity))
+        .route("/computeMetadata/v1/instance/service-accounts/default/token", get(metadata_access_token))
+        .route(
+            "/computeMetadata/v1/instance/service-accounts/default/email",
+            get(|State(google): State<Arc<Google>>| async move {
+                google.bound.lock().expect("lock").clone().unwrap_or_default()
+            }),
+        )
+        .with_state(google)
+}
+
+fn oauth_error(status: u16, error: &str, description: &str) -> Response {
+    (
+        StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
+        Json(json!({"error": error, "error_description": description})),
+    )
+        .into_response()
+}
+
+fn iam_error(status: u16, message: &str) -> Response {
+    let code = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST);
+    (code, Json(json!({"error": {"code": status, "message": message, "status": code.canonical_reason()}})))
+        .into_response()
+}
+
+/// `oauth2.googleapis.com/token`: a signed JWT assertion from a service-account key in, an ID
+/// token for its `target_audience` out.
+async fn oauth_token(State(google): State<Arc<Google>>, body: String) -> Response {
+    let form: HashMap<String, String> = url::form_urlencoded::parse(body.as_bytes()).into_owned().collect();
+    if form.get("grant_type").map(String::as_str) != Some("urn:ietf:params:oauth:grant-type:jwt-bearer") {
+        return oauth_error(400, "unsupported_grant_type", "Invalid grant_type");
+    }
+    let Some(assertion) = form.get("assertion") else {
+        return oauth_error(400, "invalid_request", "Missing required parameter: assertion");
+    };
+    let claims = match google.key_file.verify(assertion) {
+        Ok(claims) => claims,
+        Err(why) => return oauth_error(400, "invalid_grant", &format!("Invalid JWT Signature ({why})")),
+    };
+    if claims["iss"] != google.key_file_email.as_str() {
+        return oauth_error(400, "invalid_grant", "Invalid JWT: unknown issuer");
+    }
+    if claims["exp"].as_u64().is_none_or(|exp| exp <= now()) {
+        return oauth_error(
+            400,
+            "invalid_grant",
+            "Invalid JWT: Token must be a short-lived token and in a reasonable timeframe",
+        );
+    }
+    let Some(audience) = claims["target_audience"].as_str() else {
+        return oauth_error(400, "invalid_request", "target_audience is required for an ID token");
+    };
+    Json(json!({"id_token": google.mint(audience, &google.key_file_email, true)})).into_response()
+}
+
+/// `iamcredentials.googleapis.com/v1/projects/-/serviceAccounts/GSA:generateIdToken`.
+async fn generate_id_token(State(google): State<Arc<Google>>, request: Request) -> Response {
+    let path = request.uri().path().to_owned();
+    let Some(target) = path
+        .strip_prefix("/v1/projects/-/serviceAccounts/")
+        .and_then(|rest| rest.strip_suffix(":generateIdToken"))
+        .map(str::to_owned)
+    else {
+        return iam_error(404, "Not found");
+    };
+    let caller = request
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(|token| google.access_tokens.lock().expect("lock").get(token).cloned());
+    let Some(caller) = caller else {
+        return iam_error(401, "Request had invalid authentication credentials. Expected OAuth 2 access token.");
+    };
+    if !google.impersonable.lock().expect("lock").contains(&target) {
+        return iam_error(
+            403,
+            &format!("Permission 'iam.serviceAccounts.getOpenIdToken' denied on resource (or it may not exist): {caller} cannot act as {target}"),
+        );
+    }
+    let body = match axum::body::to_bytes(request.into_body(), 64 * 1024).await {
+        Ok(body) => body,
+        Err(_) => return iam_error(400, "Invalid request body"),
+    };
+    let body: Value = serde_json::from_slice(&body).unwrap_or_default();
+    let Some(audience) = body["audience"].as_str().filter(|a| !a.is_empty()) else {
+        return iam_error(400, "Invalid value for audience: must not be empty");
+    };
+    let include_email = body["includeEmail"].as_bool().unwrap_or(false);
+    Json(json!({"token": google.mint(audience, &target, include_email)})).into_response()
+}
+
+/// `oauth2.googleapis.com` and `iamcredentials.googleapis.com`, served over HTTPS; also the JWKS
+/// at `/oauth2/v3/certs`.
+pub fn googleapis_router(google: Arc<Google>) -> Router {
+    Router::new()
+        .route("/token", axum::routing::post(oauth_token))
+        .route(
+            "/oauth2/v3/certs",
+            get(|State(google): State<Arc<Google>>| async move { Json(google.verifier().jwks()) }),
+        )
+        .fallback(generate_id_token)
+        .with_state(google)
+}

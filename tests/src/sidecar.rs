@@ -1,0 +1,127 @@
+//! The `wiproxy` binary run as a separate process, as in a pod: a clean environment, its log
+//! captured to a file, its memory readable from /proc.
+
+use std::net::{SocketAddr, TcpListener as StdListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A binary built next to the running executable (`target/<profile>/NAME`).
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current executable");
+    let mut dir = exe.parent().expect("executable folder").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let path = dir.join(name);
+    assert!(path.exists(), "{} is missing: build it first with `cargo build --workspace --bins`", path.display());
+    path
+}
+
+/// A free loopback port (bound and released; good enough on a test machine).
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+pub struct Sidecar {
+    child: Child,
+    pub proxy: SocketAddr,
+    pub admin: SocketAddr,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Sidecar {
+    /// Starts `wiproxy` with exactly `env` (plus its listen addresses) and waits for its admin port.
+    pub fn start(env: &[(String, String)]) -> Self {
+        Self::start_with(env, &[])
+    }
+
+    /// As `start`, with extra command-line arguments.
+    pub fn start_with(env: &[(String, String)], args: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let log = dir.path().join("wiproxy.log");
+        let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("address");
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("address");
+        let mut command = Command::new(binary("wiproxy"));
+        command
+            .env_clear()
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("WIPROXY_LISTEN", proxy.to_string())
+            .env("WIPROXY_ADMIN_LISTEN", admin.to_string())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"));
+        let child = command.spawn().expect("start wiproxy");
+        let mut sidecar = Self { child, proxy, admin, log, _dir: dir };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(admin).is_err() {
+            if let Ok(Some(status)) = sidecar.child.try_wait() {
+                panic!("wiproxy exited with {status}: {}", sidecar.log());
+            }
+            assert!(Instant::now() < deadline, "wiproxy did not open its admin port: {}", sidecar.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        sidecar
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.proxy)
+    }
+
+    pub fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// What the process wrote to stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Peak resident memory (VmHWM) in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Asks for a graceful stop and waits for the exit status.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Panics when any of `secrets` appears in the log.
+    pub fn assert_log_free_of(&self, secrets: &[String]) {
+        let log = self.log();
+        for secret in secrets {
+            assert!(!log.contains(secret.as_str()), "a token appears in the sidecar's log");
+            // Tokens are JWTs; their signature part alone must not appear either.
+            if let Some(signature) = secret.rsplit('.').next().filter(|s| s.len() > 20) {
+                assert!(!log.contains(signature), "a token signature appears in the sidecar's log");
+            }
+        }
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,91 @@
+//! Everything a sidecar talks to, on loopback: the metadata server, Google's HTTPS APIs and a
+//! Cloud Function front end serving several host names, plus the environment that points a
+//! sidecar at them.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::function::{self, Function};
+use crate::google::{self, Google};
+use crate::pki::TestCa;
+use crate::serve;
+
+pub const GSA: &str = "invoker@client-project.iam.gserviceaccount.com";
+pub const KEY_FILE_GSA: &str = "onprem-invoker@client-project.iam.gserviceaccount.com";
+pub const IMPERSONATED_GSA: &str = "impersonated@client-project.iam.gserviceaccount.com";
+
+pub const FUNCTION_HOST: &str = "europe-west1-host-project.cloudfunctions.net";
+pub const FUNCTION_URL: &str = "https://europe-west1-host-project.cloudfunctions.net/orders";
+pub const RUN_HOST: &str = "inventory-abc123-ew.a.run.app";
+pub const CUSTOM_HOST: &str = "custom.example.com";
+pub const CUSTOM_AUDIENCE: &str = "https://custom-audience.example.com";
+
+pub struct World {
+    pub ca: TestCa,
+    pub google: Arc<Google>,
+    pub function: Arc<Function>,
+    pub metadata: SocketAddr,
+    pub googleapis: SocketAddr,
+    pub function_addr: SocketAddr,
+    pub ca_file: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl World {
+    pub async fn start() -> Self {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let ca = TestCa::new();
+        let google = Google::new(GSA);
+        google.impersonable.lock().expect("lock").push(IMPERSONATED_GSA.to_owned());
+        let function = Function::new(
+            google.verifier(),
+            &[
+                (FUNCTION_HOST, FUNCTION_URL),
+                (RUN_HOST, "https://inventory-abc123-ew.a.run.app"),
+                (CUSTOM_HOST, CUSTOM_AUDIENCE),
+            ],
+            &[GSA, KEY_FILE_GSA, IMPERSONATED_GSA],
+        );
+        let metadata = serve::http(google::metadata_router(google.clone())).await;
+        let googleapis = serve::https(
+            google::googleapis_router(google.clone()),
+            ca.server_config(&["oauth2.googleapis.com", "iamcredentials.googleapis.com"]),
+        )
+        .await;
+        let function_addr =
+            serve::https(function::router(function.clone()), ca.server_config(&[FUNCTION_HOST, RUN_HOST, CUSTOM_HOST]))
+                .await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ca_file = ca.write_pem(dir.path());
+        Self { ca, google, function, metadata, googleapis, function_addr, ca_file, _dir: dir }
+    }
+
+    /// `WIPROXY_RESOLVE`: the function's hosts and Google's APIs pinned to the fakes.
+    pub fn resolve(&self) -> String {
+        let f = self.function_addr;
+        let g = self.googleapis;
+        format!(
+            "{FUNCTION_HOST}={f},{RUN_HOST}={f},{CUSTOM_HOST}={f},oauth2.googleapis.com={g},iamcredentials.googleapis.com={g}"
+        )
+    }
+
+    /// The environment that points a sidecar at this world, with the given upstreams.
+    pub fn env(&self, upstreams: &str) -> Vec<(String, String)> {
+        vec![
+            ("WIPROXY_UPSTREAMS".into(), upstreams.into()),
+            ("WIPROXY_EXPECTED_SERVICE_ACCOUNT".into(), GSA.into()),
+            ("GCE_METADATA_HOST".into(), self.metadata.to_string()),
+            ("WIPROXY_EXTRA_CA_FILE".into(), self.ca_file.display().to_string()),
+            ("WIPROXY_RESOLVE".into(), self.resolve()),
+            ("WIPROXY_LOG".into(), "trace".into()),
+        ]
+    }
+
+    /// The fake service-account key with its `token_uri` left as Google's (pinned to the fake).
+    pub fn write_key_file(&self, dir: &std::path::Path) -> PathBuf {
+        let path = dir.join("key.json");
+        std::fs::write(&path, google::SERVICE_ACCOUNT_KEY).expect("write key file");
+        path
+    }
+}

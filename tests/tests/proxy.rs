@@ -1,0 +1,302 @@
+//! The sidecar end to end, as a separate process against the fakes over real loopback sockets.
+
+mod support;
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::Full;
+use support::{metric, raw, wait_ready, wait_unready};
+use wiproxy_tests::client::Http;
+use wiproxy_tests::sidecar::Sidecar;
+use wiproxy_tests::world::{self, World, CUSTOM_AUDIENCE, CUSTOM_HOST, FUNCTION_URL, GSA, RUN_HOST};
+
+const READY: Duration = Duration::from_secs(15);
+
+fn upstreams() -> String {
+    format!("fn={FUNCTION_URL},run=https://{RUN_HOST}/api,custom=https://{CUSTOM_HOST}/x;audience={CUSTOM_AUDIENCE}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_upstream_gets_its_audience_and_the_request_arrives_intact() {
+    let world = World::start().await;
+    let sidecar = Sidecar::start(&world.env(&upstreams()));
+    let http = Http::new();
+    assert_eq!(wait_ready(&http, &sidecar, READY).await.status, StatusCode::OK, "{}", sidecar.log());
+
+    let echo = http.get(&sidecar.url("/fn/v1/items?limit=5&x=%20y")).await;
+    assert_eq!(echo.status, StatusCode::OK, "{}", echo.text());
+    let echo = echo.json();
+    assert_eq!(echo["audience"], FUNCTION_URL, "Cloud Functions gets the full function URL");
+    assert_eq!(echo["path"], "/orders/v1/items");
+    assert_eq!(echo["query"], "limit=5&x=%20y");
+    assert_eq!(echo["host"], world::FUNCTION_HOST);
+    assert_eq!(echo["email"], GSA);
+
+    let run = http.get(&sidecar.url("/run/list")).await.json();
+    assert_eq!(run["audience"], format!("https://{RUN_HOST}"), "Cloud Run gets the origin");
+    assert_eq!(run["path"], "/api/list");
+    let custom = http.get(&sidecar.url("/custom")).await.json();
+    assert_eq!(custom["audience"], CUSTOM_AUDIENCE, "an explicit audience wins");
+
+    // The app's own Authorization moves aside; hop-by-hop headers stay on this side; the body arrives.
+    let request = Request::post(sidecar.url("/fn/submit"))
+        .header("authorization", "Basic YXBwOnNlY3JldA==")
+        .header("connection", "x-hop")
+        .header("x-hop", "do-not-forward")
+        .header("x-app", "kept")
+        .body(Full::new(Bytes::from_static(b"{\"order\":42}")))
+        .expect("request");
+    let echo = http.send(request).await.expect("answer").json();
+    assert_eq!(echo["method"], "POST");
+    assert_eq!(echo["body"], "{\"order\":42}");
+    assert_eq!(echo["token_header"], "authorization");
+    assert_eq!(echo["headers"]["authorization"], "Bearer <verified token>");
+    assert_eq!(echo["headers"]["x-forwarded-authorization"], "Basic YXBwOnNlY3JldA==");
+    assert_eq!(echo["headers"]["x-app"], "kept");
+    assert!(echo["headers"].get("x-hop").is_none(), "{echo}");
+
+    // Redirects come back to the app; the sidecar does not follow them.
+    let redirect = http.get(&sidecar.url("/fn/redirect")).await;
+    assert_eq!(redirect.status, StatusCode::FOUND);
+    assert_eq!(redirect.headers["location"], "https://accounts.google.com/signin");
+
+    sidecar.assert_log_free_of(&world.google.minted());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serverless_header_leaves_the_apps_authorization_alone() {
+    let world = World::start().await;
+    let mut env = world.env(&format!("run=https://{RUN_HOST}"));
+    env.push(("WIPROXY_TOKEN_HEADER".into(), "x-serverless-authorization".into()));
+    let sidecar = Sidecar::start(&env);
+    let http = Http::new();
+    assert_eq!(wait_ready(&http, &sidecar, READY).await.status, StatusCode::OK);
+    let request = Request::get(sidecar.url("/run/me"))
+        .header("authorization", "Bearer app-own-session")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let echo = http.send(request).await.expect("answer").json();
+    assert_eq!(echo["token_header"], "x-serverless-authorization");
+    assert_eq!(echo["headers"]["authorization"], "Bearer app-own-session");
+    assert!(echo["headers"].get("x-forwarded-authorization").is_none());
+    sidecar.assert_log_free_of(&world.google.minted());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_first_requests_cause_one_fetch() {
+    let world = World::start().await;
+    world.google.delay_ms.store(500, Ordering::SeqCst);
+    let sidecar = Sidecar::start(&world.env(&format!("fn={FUNCTION_URL}")));
+    let http = Http::new();
+    let url = sidecar.url("/fn/first");
+    let requests: Vec<_> = (0..1000)
+        .map(|_| {
+            let (http, url) = (http.clone(), url.clone());
+            tokio::spawn(async move { http.get(&url).await.status })
+        })
+        .collect();
+    for request in requests {
+        assert_eq!(request.await.expect("task"), StatusCode::OK);
+    }
+    assert_eq!(world.google.identity_fetches.load(Ordering::SeqCst), 1, "one metadata fetch for 1000 requests");
+    assert_eq!(world.function.requests(), 1000);
+    sidecar.assert_log_free_of(&world.google.minted());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_tokens_refresh_ahead_under_steady_traffic() {
+    let world = World::start().await;
+    world.google.lifetime_secs.store(20, Ordering::SeqCst);
+    let sidecar = Sidecar::start(&world.env(&format!("fn={FUNCTION_URL}")));
+    let http = Http::new();
+    assert_eq!(wait_ready(&http, &sidecar, READY).await.status, StatusCode::OK);
+    let fetches_before = world.google.identity_fetches.load(Ordering::SeqCst);
+
+    let run_for = Duration::from_secs(60);
+    let started = Instant::now();
+    let workers: Vec<_> = (0..8)
+        .map(|_| {
+            let (http, url) = (http.clone(), sidecar.url("/fn/steady"));
+            tokio::spawn(async move {
+                let (mut count, mut max) = (0u32, Duration::ZERO);
+                while started.elapsed() < run_for {
+                    let sent = Instant::now();
+                    let status = http.get(&url).await.status;
+                    assert_eq!(status, StatusCode::OK);
+                    max = max.max(sent.elapsed());
+                    count += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                (count, max)
+            })
+        })
+        .collect();
+    let (mut requests, mut max_latency) = (0, Duration::ZERO);
+    for worker in workers {
+        let (count, max) = worker.await.expect("worker");
+        requests += count;
+        max_latency = max_latency.max(max);
+    }
+    let fetches = world.google.identity_fetches.load(Ordering::SeqCst) - fetches_before;
+    let metrics = http.get(&sidecar.admin_url("/metrics")).await.text();
+    let waits = metric(&metrics, "wiproxy_token_cache_waits_total", "");
+    println!("steady traffic: {requests} requests in 60 s, {fetches} refreshes of 20 s tokens, max latency {max_latency:?}, waits {waits}");
+    // A 20 s token is refreshed 6.7 s (a third of its life) before exp, minus up to 1.7 s of jitter:
+    // every 11.7 to 13.3 s, so 4 or 5 refreshes in 60 s; allow one either side.
+    assert!((3..=6).contains(&fetches), "{fetches} refreshes in 60 s of 20 s tokens");
+    assert_eq!(waits, 0.0, "no request waited for a token once the sidecar was ready");
+    sidecar.assert_log_free_of(&world.google.minted());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_outage_serves_the_cache_then_fails_closed_then_recovers() {
+    let world = World::start().await;
+    world.google.lifetime_secs.store(12, Ordering::SeqCst);
+    let sidecar = Sidecar::start(&world.env(&format!("fn={FUNCTION_URL}")));
+    let http = Http::new();
+    let ready = wait_ready(&http, &sidecar, READY).await;
+    assert_eq!(ready.status, StatusCode::OK);
+    let token = http.get(&sidecar.url("/_wiproxy/token?upstream=fn")).await.text();
+    let claims = world.google.verifier().verify(&token).expect("a real token");
+    let exp = claims["exp"].as_u64().expect("exp");
+    world.google.set_failure(Some((503, "backend unavailable")));
+
+    // The cached token keeps serving until exp - 1.2 s (a tenth of its 12 s life), then 503.
+    let mut served_during_outage = 0;
+    let failure = loop {
+        let reply = http.get(&sidecar.url("/fn/during-outage")).await;
+        if reply.status != StatusCode::OK {
+            break reply;
+        }
+        served_during_outage += 1;
+        assert!(wiproxy_tests::jwt::now() <= exp, "a token was served after its exp");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let failed_at = wiproxy_tests::jwt::now();
+    assert!(served_during_outage > 0, "the cached token served during the outage");
+    assert_eq!(failure.status, StatusCode::SERVICE_UNAVAILABLE);
+    let body = failure.json();
+    assert_eq!(body["upstream"], "fn");
+    assert!(body["reason"].as_str().is_some_and(|r| r.contains("503") && r.contains("backend unavailable")), "{body}");
+    assert!(failed_at + 3 >= exp, "failed closed only near exp ({failed_at} vs exp {exp})");
+    let requests_before = world.function.requests();
+
+    world.google.set_failure(None);
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        if http.get(&sidecar.url("/fn/after-outage")).await.status == StatusCode::OK {
+            break;
+        }
+        assert!(Instant::now() < deadline, "did not recover after the metadata server came back");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(world.function.requests() > requests_before);
+    sidecar.assert_log_free_of(&world.google.minted());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unbound_service_account_is_reported_in_readyz_and_never_forwarded() {
+    let world = World::start().await;
+    let message = "Workload Identity: the Kubernetes service account payments/orders-client is not bound to invoker@client-project.iam.gserviceaccount.com";
+    world.google.set_failure(Some((403, message)));
+    let sidecar = Sidecar::start(&world.env(&format!("fn={FUNCTION_URL}")));
+    let http = Http::new();
+    let readyz = wait_unready(&http, &sidecar, READY).await;
+    assert_eq!(readyz.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        readyz.json()["upstreams"]["fn"]["reason"].as_str().is_some_and(|r| r.contains(message)),
+        "{}",
+        readyz.text()
+    );
+    let reply = http.get(&sidecar.url("/fn/x")).await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(reply.json()["reason"].as_str().is_some_and(|r| r.contains("403") && r.contains(message)));
+    assert_eq!(world.function.requests(), 0, "fail closed: nothing reached the function");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_for_another_service_account_is_never_used() {
+    let world = World::start().await;
+    *world.google.bound.lock().expect("lock") = Some("someone-else@client-project.iam.gserviceaccount.com".into());
+    let sidecar = Sidecar::start(&world.env(&format!("fn={FUNCTION_URL}")));
+    let http = Http::new();
+    let readyz = wait_unready(&http, &sidecar, READY).await;
+    assert_eq!(readyz.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(readyz.text().contains(GSA) && readyz.text().contains("someone-else"), "{}", readyz.text());
+    assert_eq!(http.get(&sidecar.url("/fn/x")).await.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(http.get(&sidecar.url("/_wiproxy/token?upstream=fn")).await.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(world.function.requests(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_401_causes_one_refetch_and_one_retry() {
+    let world = World::start().await;
+    let sidecar = Sidecar::start(&world.env(&format!("fn={FUNCTION_URL}")));
+    let http = Http::new();
+    assert_eq!(wait_ready(&http, &sidecar, READY).await.status, StatusCode::OK);
+    assert_eq!(http.get(&sidecar.url("/fn/a")).await.status, StatusCode::OK);
+    assert_eq!(world.google.identity_fetches.load(Ordering::SeqCst), 1);
+    assert_eq!(world.function.requests(), 1);
+
+    world.function.revoke_seen();
+    let request =
+        Request::post(sidecar.url("/fn/b")).body(Full::new(Bytes::from_static(b"replayed body"))).expect("request");
+    let reply = http.send(request).await.expect("answer");
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.json()["body"], "replayed body");
+    assert_eq!(world.google.identity_fetches.load(Ordering::SeqCst), 2, "one refetch");
+    assert_eq!(world.function.requests(), 3, "the refused call and one retry");
+
+    // An upstream that keeps answering 401 gets exactly one retry.
+    let reply = http.get(&sidecar.url("/fn/status/401")).await;
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(world.function.requests(), 5);
+    assert_eq!(world.google.identity_fetches.load(Ordering::SeqCst), 3);
+    sidecar.assert_log_free_of(&world.google.minted());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_configured_upstreams_are_reached() {
+    let world = World::start().await;
+    let sidecar = Sidecar::start(&world.env(&format!("fn={FUNCTION_URL}")));
+    let http = Http::new();
+    assert_eq!(wait_ready(&http, &sidecar, READY).await.status, StatusCode::OK);
+
+    let (status, answer) = raw(
+        sidecar.proxy,
+        "GET http://evil.example.com/steal HTTP/1.1\r\nHost: evil.example.com\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status, 403, "{answer}");
+    let (status, answer) = raw(
+        sidecar.proxy,
+        &format!("GET http://{}/orders-admin HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", world::FUNCTION_HOST),
+    )
+    .await;
+    assert_eq!(status, 403, "a sibling path is not under the upstream: {answer}");
+    let (status, answer) =
+        raw(sidecar.proxy, "CONNECT europe-west1-host-project.cloudfunctions.net:443 HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await;
+    assert_eq!(status, 405, "{answer}");
+    assert!(answer.contains("TLS tunnel"));
+    assert_eq!(http.get(&sidecar.url("/fn/%2e%2e/admin")).await.status, StatusCode::BAD_REQUEST);
+    assert_eq!(http.get(&sidecar.url("/nope/x")).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(world.function.requests(), 0, "nothing refused reached the function");
+
+    // The same absolute form under the upstream is forwarded over HTTPS with the token.
+    let (status, answer) = raw(
+        sidecar.proxy,
+        &format!(
+            "GET http://{}/orders/via-proxy HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            world::FUNCTION_HOST
+        ),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(answer.contains("\"path\":\"/orders/via-proxy\""));
+    assert_eq!(world.function.requests(), 1);
+    sidecar.assert_log_free_of(&world.google.minted());
+}
