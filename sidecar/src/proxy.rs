@@ -126,7 +126,7 @@ impl Proxy {
     pub async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<Body> {
         let started = Instant::now();
         let (method, uri) = (request.method().clone(), request.uri().clone());
-        let (name, response) = match self.routes.resolve(&method, &uri) {
+        let (name, response) = match self.routes.resolve(&method, request.version(), &uri) {
             Err(refusal) => {
                 debug!(%method, path = uri.path(), status = refusal.status.as_u16(), "refused");
                 (None, json_response(refusal.status, json!({"error": refusal.message})))

@@ -2,7 +2,7 @@
 //! upstream in their first path segment (`/orders/v1/items`); absolute-form requests (an app
 //! with `HTTP_PROXY` set) must lie under a configured upstream URL. Nothing else is forwarded.
 
-use http::{Method, StatusCode, Uri};
+use http::{Method, StatusCode, Uri, Version};
 use wiproxy_common::{TokenHeader, Upstream};
 
 /// Path of the endpoint that hands out raw tokens.
@@ -86,14 +86,16 @@ impl Routes {
         self.routes.iter().map(|r| format!("/{}", r.name)).collect::<Vec<_>>().join(", ")
     }
 
-    pub fn resolve(&self, method: &Method, uri: &Uri) -> Result<Destination, Refusal> {
+    /// Routes a request. HTTP/2 requests always carry an authority (`:authority`), so only an
+    /// HTTP/1 request with an absolute URI is a proxy request.
+    pub fn resolve(&self, method: &Method, version: Version, uri: &Uri) -> Result<Destination, Refusal> {
         if method == Method::CONNECT {
             return Err(refuse(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "CONNECT is not supported: a token cannot be added inside a TLS tunnel; call http://127.0.0.1:PORT/<upstream>/… or set HTTP_PROXY for http:// URLs",
             ));
         }
-        if uri.authority().is_some() {
+        if uri.authority().is_some() && version < Version::HTTP_2 {
             return self.absolute(uri);
         }
         let path = uri.path();
@@ -213,7 +215,7 @@ mod tests {
 
     fn resolve(method: Method, uri: &str) -> Result<(String, String), StatusCode> {
         let routes = routes();
-        match routes.resolve(&method, &uri.parse().expect("uri")) {
+        match routes.resolve(&method, Version::HTTP_11, &uri.parse().expect("uri")) {
             Ok(Destination::Upstream { index, uri }) => Ok((routes.get(index).name.clone(), uri.to_string())),
             Ok(Destination::Token { index }) => Ok((routes.get(index).name.clone(), "token".into())),
             Err(refusal) => Err(refusal.status),
@@ -273,5 +275,16 @@ mod tests {
         }
         assert_eq!(resolve(Method::GET, "http://fn.example.com/orders/../admin"), Err(StatusCode::BAD_REQUEST));
         assert_eq!(resolve(Method::CONNECT, "fn.example.com:443"), Err(StatusCode::METHOD_NOT_ALLOWED));
+    }
+
+    #[test]
+    fn http2_requests_route_by_path() {
+        let routes = routes();
+        let uri: Uri = "http://127.0.0.1:15080/orders/x".parse().expect("uri");
+        let Ok(Destination::Upstream { index, uri }) = routes.resolve(&Method::GET, Version::HTTP_2, &uri) else {
+            panic!("an h2 request names its upstream in the path");
+        };
+        assert_eq!(routes.get(index).name, "orders");
+        assert_eq!(uri.to_string(), "https://fn.example.com/orders/x");
     }
 }
