@@ -22,7 +22,7 @@ $(KUBE_VALIDATE):
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check kubernetes-validate==1.37.0
 
 demo: build
-	@bash examples/demo.sh $(WEBHOOK)
+	@target/debug/wiproxy-demo
 
 test: lint unit validate-manifests
 
@@ -30,7 +30,8 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-unit:
+# The end-to-end tests run the built binaries as separate processes.
+unit: build
 	$(CARGO) test --workspace
 
 # Every manifest the injection produces must pass the Kubernetes schemas, oldest and newest.

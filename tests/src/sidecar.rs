@@ -32,7 +32,8 @@ pub struct Sidecar {
 }
 
 impl Sidecar {
-    /// Starts `wiproxy` with exactly `env` (plus its listen addresses) and waits for its admin port.
+    /// Starts `wiproxy` with exactly `env` (plus listen addresses when it names none) and waits
+    /// for its admin port.
     pub fn start(env: &[(String, String)]) -> Self {
         Self::start_with(env, &[])
     }
@@ -41,14 +42,24 @@ impl Sidecar {
     pub fn start_with(env: &[(String, String)], args: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let log = dir.path().join("wiproxy.log");
-        let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("address");
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("address");
+        // Listen addresses given in `env` are kept (an unspecified IP is reached on loopback);
+        // missing ones get free loopback ports.
+        let address = |name: &str| -> SocketAddr {
+            let given = env.iter().find(|(k, _)| k == name).and_then(|(_, v)| v.parse::<SocketAddr>().ok());
+            match given {
+                Some(addr) if addr.ip().is_unspecified() => SocketAddr::from(([127, 0, 0, 1], addr.port())),
+                Some(addr) => addr,
+                None => SocketAddr::from(([127, 0, 0, 1], free_port())),
+            }
+        };
+        let proxy = address("WIPROXY_LISTEN");
+        let admin = address("WIPROXY_ADMIN_LISTEN");
         let mut command = Command::new(binary("wiproxy"));
         command
             .env_clear()
-            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("WIPROXY_LISTEN", proxy.to_string())
             .env("WIPROXY_ADMIN_LISTEN", admin.to_string())
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
