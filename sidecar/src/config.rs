@@ -81,6 +81,10 @@ pub struct Settings {
     /// Longest wait of a request for a token that is on its way, in seconds.
     #[arg(long, global = true, env = "WIPROXY_TOKEN_WAIT", default_value_t = 15)]
     pub token_wait: u64,
+    /// Longest wait for an upstream's response headers, in seconds (0: no limit, as Cloud Run
+    /// and Cloud Functions enforce their own request timeouts). Past it the app gets 504.
+    #[arg(long, global = true, env = "WIPROXY_UPSTREAM_TIMEOUT", default_value_t = 0)]
+    pub upstream_timeout: u64,
     /// Log filter: a level, or targets such as "info,wiproxy_sidecar=debug".
     #[arg(long, global = true, env = "WIPROXY_LOG", default_value = "info")]
     pub log: String,
@@ -114,6 +118,7 @@ pub struct Config {
     pub tls: rustls::ClientConfig,
     pub pins: Pins,
     pub token_wait: Duration,
+    pub upstream_timeout: Option<Duration>,
 }
 
 impl Settings {
@@ -143,6 +148,7 @@ impl Settings {
             tls: crate::http::tls_config(self.extra_ca_file.as_deref())?,
             pins: Pins::parse(&self.resolve)?,
             token_wait: Duration::from_secs(self.token_wait),
+            upstream_timeout: (self.upstream_timeout > 0).then(|| Duration::from_secs(self.upstream_timeout)),
         })
     }
 }

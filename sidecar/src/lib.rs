@@ -81,6 +81,7 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
         clients,
         metrics: metrics.clone(),
         token_wait: config.token_wait,
+        upstream_timeout: config.upstream_timeout,
     });
     let admin = Arc::new(Admin { routes, cache, metrics });
     let admin_task = tokio::spawn(serve(admin_listener, shutdown.clone(), move |request| {

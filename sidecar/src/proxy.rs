@@ -35,6 +35,8 @@ pub struct Proxy {
     pub metrics: Arc<Metrics>,
     /// How long a request waits for a token that is on its way.
     pub token_wait: Duration,
+    /// Longest wait for the upstream's response headers.
+    pub upstream_timeout: Option<Duration>,
 }
 
 pub fn json_response(status: StatusCode, body: serde_json::Value) -> Response<Body> {
@@ -213,7 +215,15 @@ impl Proxy {
             *outbound.version_mut() = parts.version;
             *outbound.headers_mut() = headers;
 
-            let response = match client.request(outbound).await {
+            let sent = client.request(outbound);
+            let answered = match self.upstream_timeout {
+                Some(limit) => match tokio::time::timeout(limit, sent).await {
+                    Ok(answered) => answered,
+                    Err(_) => return upstream_timeout(route, limit),
+                },
+                None => sent.await,
+            };
+            let response = match answered {
                 Ok(response) => response,
                 Err(e) => return upstream_error(route, &e),
             };
@@ -273,6 +283,14 @@ fn no_token(route: &Route, reason: &str) -> Response<Body> {
     json_response(
         StatusCode::SERVICE_UNAVAILABLE,
         json!({"error": "no token for this upstream; the request was not sent", "upstream": route.name, "reason": reason}),
+    )
+}
+
+fn upstream_timeout(route: &Route, limit: Duration) -> Response<Body> {
+    warn!(upstream = %route.name, seconds = limit.as_secs(), "upstream timed out");
+    json_response(
+        StatusCode::GATEWAY_TIMEOUT,
+        json!({"error": "the upstream did not answer in time", "upstream": route.name, "reason": format!("no response within {} s (WIPROXY_UPSTREAM_TIMEOUT)", limit.as_secs())}),
     )
 }
 

@@ -145,6 +145,10 @@ async fn handle(State(function): State<Arc<Function>>, request: Request) -> Resp
     if let Some(code) = path.rsplit_once("/status/").and_then(|(_, code)| code.parse::<u16>().ok()) {
         return StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_REQUEST).into_response();
     }
+    if let Some(seconds) = path.rsplit_once("/sleep/").and_then(|(_, s)| s.parse::<u64>().ok()) {
+        tokio::time::sleep(std::time::Duration::from_secs(seconds)).await;
+        return StatusCode::OK.into_response();
+    }
     if path.ends_with("/redirect") {
         return (StatusCode::FOUND, [(header::LOCATION, "https://accounts.google.com/signin")]).into_response();
     }

@@ -300,3 +300,34 @@ async fn only_configured_upstreams_are_reached() {
     assert_eq!(world.function.requests(), 1);
     sidecar.assert_log_free_of(&world.google.minted());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_and_slow_upstreams_get_502_and_504() {
+    let world = World::start().await;
+    let closed = wiproxy_tests::sidecar::free_port();
+    let mut env = world.env(&format!("fn={FUNCTION_URL},gone=https://gone.example.com"));
+    for (name, value) in env.iter_mut() {
+        if name == "WIPROXY_RESOLVE" {
+            value.push_str(&format!(",gone.example.com=127.0.0.1:{closed}"));
+        }
+    }
+    env.push(("WIPROXY_UPSTREAM_TIMEOUT".into(), "1".into()));
+    let mut sidecar = Sidecar::start(&env);
+    let http = Http::new();
+    assert_eq!(wait_ready(&http, &sidecar, READY).await.status, StatusCode::OK);
+
+    let gone = http.get(&sidecar.url("/gone/x")).await;
+    assert_eq!(gone.status, StatusCode::BAD_GATEWAY, "{}", gone.text());
+    assert_eq!(gone.json()["upstream"], "gone");
+    let slow = http.get(&sidecar.url("/fn/sleep/3")).await;
+    assert_eq!(slow.status, StatusCode::GATEWAY_TIMEOUT, "{}", slow.text());
+
+    let metrics = http.get(&sidecar.admin_url("/metrics")).await.text();
+    assert_eq!(metric(&metrics, "wiproxy_requests_total", r#"upstream="gone",status="502""#), 1.0, "{metrics}");
+    assert_eq!(metric(&metrics, "wiproxy_requests_total", r#"upstream="fn",status="504""#), 1.0);
+    assert_eq!(metric(&metrics, "wiproxy_token_fetches_total", r#"result="ok""#), 2.0, "one fetch per audience");
+    assert!(metric(&metrics, "wiproxy_token_ttl_seconds", "cloudfunctions") > 3000.0);
+
+    assert_eq!(sidecar.terminate(), Some(0), "SIGTERM stops the sidecar cleanly");
+    sidecar.assert_log_free_of(&world.google.minted());
+}
