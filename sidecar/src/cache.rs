@@ -91,6 +91,10 @@ impl TokenCache {
             });
         }
         for slot in slots.values() {
+            // Series start at zero, so a dashboard sees "no waits" rather than "no data".
+            let labels = Metrics::audience(&slot.audience);
+            drop(metrics.cache_hits.get_or_create(&labels));
+            drop(metrics.cache_waits.get_or_create(&labels));
             tokio::spawn(refresh(slot.clone(), source.clone(), expected_email.clone(), metrics.clone()));
         }
         Arc::new(Self { slots, metrics })

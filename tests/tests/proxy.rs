@@ -142,7 +142,10 @@ async fn short_tokens_refresh_ahead_under_steady_traffic() {
     }
     let fetches = world.google.identity_fetches.load(Ordering::SeqCst) - fetches_before;
     let metrics = http.get(&sidecar.admin_url("/metrics")).await.text();
-    let waits = metric(&metrics, "wiproxy_token_cache_waits_total", "");
+    let waits = metric(&metrics, "wiproxy_token_cache_waits_total", "cloudfunctions");
+    let hits = metric(&metrics, "wiproxy_token_cache_hits_total", "cloudfunctions");
+    assert!(metrics.contains("wiproxy_token_cache_waits_total{audience="), "{metrics}");
+    assert!(hits >= f64::from(requests), "every request was served from the cache: {hits} hits");
     println!("steady traffic: {requests} requests in 60 s, {fetches} refreshes of 20 s tokens, max latency {max_latency:?}, waits {waits}");
     // A 20 s token is refreshed 6.7 s (a third of its life) before exp, minus up to 1.7 s of jitter:
     // every 11.7 to 13.3 s, so 4 or 5 refreshes in 60 s; allow one either side.
