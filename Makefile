@@ -39,11 +39,13 @@ validate-manifests: build $(KUBE_VALIDATE)
 	@mkdir -p $(OUT)
 	$(WEBHOOK) render -f examples/deployment.yaml --policy-file examples/policy.yaml > $(OUT)/example.yaml
 	$(WEBHOOK) render -f $(OUT)/example.yaml --policy-file examples/policy.yaml | cmp - $(OUT)/example.yaml
+	$(WEBHOOK) crd > $(OUT)/crd.yaml
 	@newest=$$($(KUBE_VALIDATE) --version); \
 	for version in $(KUBE_OLDEST) $$newest; do \
-	  echo "kubernetes-validate --strict -k $$version: example and golden outputs"; \
-	  $(KUBE_VALIDATE) --strict --quiet -k $$version $(OUT)/example.yaml webhook/tests/golden/*/output.yaml || exit 1; \
+	  echo "kubernetes-validate --strict -k $$version: CRD, example and golden outputs"; \
+	  $(KUBE_VALIDATE) --strict --quiet -k $$version $(OUT)/crd.yaml $(OUT)/example.yaml webhook/tests/golden/*/output.yaml || exit 1; \
 	done
+	$(VENV)/bin/python tests/schema/validate_policies.py $(OUT)/crd.yaml examples/policy.yaml webhook/tests/golden/policy.yaml
 
 clean:
 	$(CARGO) clean

@@ -34,6 +34,8 @@ pub enum Command {
     Serve(ServeArgs),
     /// Inject offline: read manifests, print them with every labelled pod template injected.
     Render(RenderArgs),
+    /// Print the TokenProxyPolicy CustomResourceDefinition.
+    Crd,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -28,6 +28,10 @@ fn main() -> ExitCode {
             init_logging(&cli.log, LogFormat::Text);
             return render_command(args);
         }
+        Command::Crd => {
+            print!("{}", wiproxy_webhook::policy::crd_yaml());
+            return ExitCode::SUCCESS;
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

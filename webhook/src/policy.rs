@@ -3,57 +3,90 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use kube::CustomResource;
 use kube_core::{Selector, SelectorExt};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use wiproxy_common::{is_service_account_email, Upstream};
 
 pub const API_VERSION: &str = "wiproxy.io/v1alpha1";
 pub const KIND: &str = "TokenProxyPolicy";
+/// The fields of `spec`, for catching typos in policy files (the API server prunes unknown fields).
+pub const SPEC_FIELDS: [&str; 6] = [
+    "namespaceSelector",
+    "serviceAccounts",
+    "upstreams",
+    "defaultServiceAccount",
+    "manageServiceAccounts",
+    "allowDefaultKsa",
+];
 
-/// A `TokenProxyPolicy` object as written in YAML.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+fn yes() -> bool {
+    true
+}
+
+/// Which Google service accounts the pods of some namespaces may act as, and which upstream URLs
+/// they may call. A pod is allowed when one policy that selects its namespace allows its GSA and
+/// every upstream.
+#[derive(CustomResource, Debug, Clone, Serialize, Deserialize, PartialEq, JsonSchema)]
+#[kube(
+    group = "wiproxy.io",
+    version = "v1alpha1",
+    kind = "TokenProxyPolicy",
+    plural = "tokenproxypolicies",
+    shortname = "tpp",
+    status = "TokenProxyPolicyStatus",
+    doc = "Which Google service accounts and upstream URLs the pods of the selected namespaces may use through wiproxy",
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].reason"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
 #[serde(rename_all = "camelCase")]
-pub struct TokenProxyPolicy {
-    pub api_version: String,
-    pub kind: String,
-    pub metadata: PolicyMetadata,
-    pub spec: TokenProxyPolicySpec,
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct PolicyMetadata {
-    #[serde(default)]
-    pub name: String,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TokenProxyPolicySpec {
     /// Namespaces the policy applies to; `{}` selects every namespace.
     pub namespace_selector: LabelSelector,
-    /// GSA email patterns pods may act as; `*` never crosses `@`, `.` or `/`.
+    /// GSA email patterns pods may act as, e.g. `*@client-project.iam.gserviceaccount.com`; `*`
+    /// never crosses `@`, `.` or `/`.
     #[serde(default)]
+    #[schemars(inner(regex(pattern = r"^[^@\s]+@[^@\s]+$")))]
     pub service_accounts: Vec<String>,
-    /// Allowed upstream URL prefixes, matched on path-segment boundaries; `*` as above.
+    /// Allowed upstream URL prefixes, matched on path-segment boundaries, e.g.
+    /// `https://europe-west1-host-project.cloudfunctions.net/`; `*` as above.
     #[serde(default)]
+    #[schemars(inner(regex(pattern = r"^https://[^\s?#]+$")))]
     pub upstreams: Vec<String>,
-    /// GSA for pods that name none and whose KSA carries no mapping.
+    /// GSA for pods that name none and whose ServiceAccount carries no mapping.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^[a-z0-9-]+@[a-z0-9.-]+\.gserviceaccount\.com$"))]
     pub default_service_account: Option<String>,
-    /// Whether the webhook may annotate KSAs with their GSA (default true).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub manage_service_accounts: Option<bool>,
-    /// Whether pods may use the KSA named `default` (default false).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub allow_default_ksa: Option<bool>,
+    /// Whether the webhook may annotate ServiceAccounts with their GSA.
+    #[serde(default = "yes")]
+    pub manage_service_accounts: bool,
+    /// Whether pods may use the ServiceAccount named `default`.
+    #[serde(default)]
+    pub allow_default_ksa: bool,
+}
+
+/// What the webhook found when it read the policy.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenProxyPolicyStatus {
+    /// `Ready` is `True` when the policy is in force, `False` (reason `Invalid`) with the problem otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+/// The CustomResourceDefinition, as `wiproxy-webhook crd` prints it and the chart ships it.
+pub fn crd_yaml() -> String {
+    use kube::CustomResourceExt;
+    // A CRD built from our own types always serializes.
+    serde_yaml::to_string(&TokenProxyPolicy::crd()).unwrap_or_default()
 }
 
 /// Why a policy cannot be used; the message names the policy field and the fix.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PolicyError {
-    #[error("policy {policy:?}: apiVersion/kind is {found:?}: write apiVersion: {API_VERSION}, kind: {KIND}")]
-    WrongType { policy: String, found: String },
     #[error("policy has no metadata.name: give it a name")]
     NoName,
     #[error("policy {policy:?}: spec.namespaceSelector: {why}")]
@@ -80,14 +113,7 @@ pub struct Policy {
 
 impl Policy {
     pub fn new(policy: &TokenProxyPolicy) -> Result<Self, PolicyError> {
-        let name = policy.metadata.name.clone();
-        if policy.api_version != API_VERSION || policy.kind != KIND {
-            return Err(PolicyError::WrongType {
-                policy: name,
-                found: format!("{}/{}", policy.api_version, policy.kind),
-            });
-        }
-        Self::from_spec(name, &policy.spec)
+        Self::from_spec(policy.metadata.name.clone().unwrap_or_default(), &policy.spec)
     }
 
     pub fn from_spec(name: String, spec: &TokenProxyPolicySpec) -> Result<Self, PolicyError> {
@@ -134,8 +160,8 @@ impl Policy {
             service_accounts,
             upstreams,
             default_service_account: spec.default_service_account.clone(),
-            manage_service_accounts: spec.manage_service_accounts.unwrap_or(true),
-            allow_default_ksa: spec.allow_default_ksa.unwrap_or(false),
+            manage_service_accounts: spec.manage_service_accounts,
+            allow_default_ksa: spec.allow_default_ksa,
             name,
         };
         if let Some(gsa) = &policy.default_service_account {
@@ -312,8 +338,8 @@ mod tests {
             service_accounts: service_accounts.iter().map(|s| s.to_string()).collect(),
             upstreams: upstreams.iter().map(|s| s.to_string()).collect(),
             default_service_account: None,
-            manage_service_accounts: None,
-            allow_default_ksa: None,
+            manage_service_accounts: true,
+            allow_default_ksa: false,
         };
         Policy::from_spec(name.into(), &spec).expect("valid policy")
     }
@@ -433,8 +459,8 @@ mod tests {
             service_accounts: vec![sa.into()],
             upstreams: vec![up.into()],
             default_service_account: default.map(Into::into),
-            manage_service_accounts: None,
-            allow_default_ksa: None,
+            manage_service_accounts: true,
+            allow_default_ksa: false,
         };
         let cases = [
             (spec("nobody", "https://x/", None), "spec.serviceAccounts[0]"),

@@ -92,6 +92,22 @@ pub fn policies_from<'a>(
             }
             continue;
         }
+        if value["apiVersion"].as_str() != Some(policy::API_VERSION) {
+            return Err(error(format!(
+                "apiVersion {} is not {}: write apiVersion: {}",
+                value["apiVersion"],
+                policy::API_VERSION,
+                policy::API_VERSION
+            )));
+        }
+        if let Some(spec) = value["spec"].as_object() {
+            if let Some(unknown) = spec.keys().find(|k| !policy::SPEC_FIELDS.contains(&k.as_str())) {
+                return Err(error(format!(
+                    "spec.{unknown} is not a TokenProxyPolicy field: the fields are {}",
+                    policy::SPEC_FIELDS.join(", ")
+                )));
+            }
+        }
         let object: TokenProxyPolicy =
             serde_json::from_value(value.clone()).map_err(|e| error(format!("TokenProxyPolicy: {e}")))?;
         let checked = Policy::new(&object).map_err(|e| error(e.to_string()))?;
