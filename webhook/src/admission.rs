@@ -5,9 +5,9 @@ use base64::Engine;
 use k8s_openapi::api::core::v1::Pod;
 use kube_core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 use kube_core::DynamicObject;
-use serde_json::Value;
+use serde_json::{json, Value};
 
-use crate::inject::{inject, Inputs, Outcome, ServiceAccountChange};
+use crate::inject::{inject, service_account_name, Inputs, Outcome, ServiceAccountChange};
 use crate::Webhook;
 
 const REVIEW_API_VERSION: &str = "admission.k8s.io/v1";
@@ -42,8 +42,7 @@ pub struct Summary {
     pub service_account: ServiceAccountChange,
 }
 
-/// Answers one `POST /mutate` body: the response AdmissionReview and what happened.
-pub fn review(webhook: &Webhook, body: &[u8]) -> Result<(Value, Summary), ReviewError> {
+fn parse(body: &[u8]) -> Result<AdmissionRequest<DynamicObject>, ReviewError> {
     let value: Value = serde_json::from_slice(body).map_err(ReviewError::NotJson)?;
     let object = value.as_object().ok_or(ReviewError::NotObject(json_type(&value)))?;
     let api_version = object.get("apiVersion").and_then(Value::as_str).unwrap_or_default();
@@ -55,17 +54,30 @@ pub fn review(webhook: &Webhook, body: &[u8]) -> Result<(Value, Summary), Review
         return Err(ReviewError::NoRequest);
     }
     let review: AdmissionReview<DynamicObject> = serde_json::from_value(value).map_err(ReviewError::Malformed)?;
-    let request: AdmissionRequest<DynamicObject> = review.try_into().map_err(|_| ReviewError::NoRequest)?;
+    review.try_into().map_err(|_| ReviewError::NoRequest)
+}
 
-    let namespace = request.namespace.clone().unwrap_or_default();
-    let mut summary = Summary {
+fn summary(request: &AdmissionRequest<DynamicObject>) -> Summary {
+    Summary {
         result: "skipped",
         reason: "",
-        namespace: namespace.clone(),
+        namespace: request.namespace.clone().unwrap_or_default(),
         name: request.name.clone(),
         uid: request.uid.clone(),
         service_account: ServiceAccountChange::None,
-    };
+    }
+}
+
+/// The pod (or pod template) of a request as a typed Pod, or the denial message saying why not.
+fn pod_from(object: Option<&Value>, what: &str) -> Result<Pod, String> {
+    let object = object.ok_or_else(|| format!("{what} is missing from the review"))?;
+    serde_json::from_value(object.clone()).map_err(|e| format!("{what} is not a valid Pod: {e}"))
+}
+
+/// Answers one `POST /mutate` body: the response AdmissionReview and what happened.
+pub async fn review(webhook: &Webhook, body: &[u8]) -> Result<(Value, Summary), ReviewError> {
+    let request = parse(body)?;
+    let mut summary = summary(&request);
     let response = AdmissionResponse::from(&request);
 
     let is_pod = request.kind.group.is_empty() && request.kind.kind == "Pod";
@@ -77,32 +89,30 @@ pub fn review(webhook: &Webhook, body: &[u8]) -> Result<(Value, Summary), Review
         summary.reason = "not_a_create";
         return Ok((into_json(response), summary));
     }
-    let pod = match request.object.as_ref().map(|o| serde_json::to_value(o).and_then(serde_json::from_value::<Pod>)) {
-        Some(Ok(pod)) => pod,
-        Some(Err(e)) => {
+    let object = request.object.as_ref().map(serde_json::to_value).transpose().unwrap_or_default();
+    let pod = match pod_from(object.as_ref().filter(|o| !o.is_null()), "request.object") {
+        Ok(pod) => pod,
+        Err(message) => {
             summary.result = "denied";
             summary.reason = "malformed_pod";
-            return Ok((into_json(deny(response, format!("request.object is not a valid Pod: {e}"))), summary));
-        }
-        None => {
-            summary.result = "denied";
-            summary.reason = "malformed_pod";
-            return Ok((into_json(deny(response, "request.object is missing from a CREATE review")), summary));
+            return Ok((into_json(deny(response, message)), summary));
         }
     };
     if summary.name.is_empty() {
         summary.name = pod.metadata.generate_name.clone().unwrap_or_default();
     }
-    let namespace = if namespace.is_empty() {
-        pod.metadata.namespace.clone().unwrap_or_else(|| "default".to_owned())
-    } else {
-        namespace
-    };
+    let namespace = namespace_of(&request, &pod);
 
+    if let (Some(live), true) = (&webhook.live, is_labelled(&pod)) {
+        if let Some(spec) = &pod.spec {
+            live.ensure_service_account(&namespace, &service_account_name(spec)).await;
+        }
+    }
+    let policies = webhook.policies.current();
     let inputs = Inputs {
         namespace: &namespace,
         sidecar: &webhook.sidecar,
-        policies: &webhook.policies,
+        policies: &policies,
         cluster: webhook.cluster.as_ref(),
     };
     let response = match inject(&pod, &inputs) {
@@ -115,6 +125,20 @@ pub fn review(webhook: &Webhook, body: &[u8]) -> Result<(Value, Summary), Review
             response
         }
         Ok(Outcome::Injected(injection)) => {
+            if let (ServiceAccountChange::Annotate { name, gsa }, false) = (&injection.service_account, request.dry_run)
+            {
+                if let Some(live) = &webhook.live {
+                    if let Err(e) = live.annotate_service_account(&namespace, name, gsa).await {
+                        summary.result = "denied";
+                        summary.reason = "service_account_patch";
+                        let message = format!(
+                            "cannot add {}: {gsa} to ServiceAccount {namespace}/{name}: {e}: create the ServiceAccount first, or annotate it yourself",
+                            wiproxy_common::GKE_SERVICE_ACCOUNT_ANNOTATION
+                        );
+                        return Ok((into_json(deny(response, message)), summary));
+                    }
+                }
+            }
             summary.result = "injected";
             if !request.dry_run {
                 summary.service_account = injection.service_account;
@@ -124,10 +148,8 @@ pub fn review(webhook: &Webhook, body: &[u8]) -> Result<(Value, Summary), Review
                 Err(e) => {
                     summary.result = "denied";
                     summary.reason = "internal";
-                    return Ok((
-                        into_json(deny(AdmissionResponse::from(&request), format!("cannot encode patch: {e}"))),
-                        summary,
-                    ));
+                    let response = deny(AdmissionResponse::from(&request), format!("cannot encode patch: {e}"));
+                    return Ok((into_json(response), summary));
                 }
             };
             if !injection.warnings.is_empty() {
@@ -138,10 +160,110 @@ pub fn review(webhook: &Webhook, body: &[u8]) -> Result<(Value, Summary), Review
         Err(denial) => {
             summary.result = "denied";
             summary.reason = denial.reason();
+            let message = denial.to_string();
+            if let (Some(live), false) = (&webhook.live, request.dry_run) {
+                let (live, namespace, pod, message) = (live.clone(), namespace.clone(), pod.clone(), message.clone());
+                tokio::spawn(async move { live.record_denial(&namespace, &pod, &message).await });
+            }
+            deny(response, message)
+        }
+    };
+    Ok((into_json(response), summary))
+}
+
+/// Where the pod template sits in a workload, by group/version/kind; `""` for a Pod itself.
+pub fn template_pointer(api_version: &str, kind: &str) -> Option<&'static str> {
+    match (api_version, kind) {
+        ("v1", "Pod") => Some(""),
+        ("apps/v1", "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet") | ("batch/v1", "Job") => {
+            Some("/spec/template")
+        }
+        ("batch/v1", "CronJob") => Some("/spec/jobTemplate/spec/template"),
+        _ => None,
+    }
+}
+
+/// Answers one `POST /validate` body: a workload whose pod template carries the label gets the
+/// same checks as its pods will, so a mistake fails `kubectl apply` itself. Nothing is changed.
+pub async fn validate(webhook: &Webhook, body: &[u8]) -> Result<(Value, Summary), ReviewError> {
+    let request = parse(body)?;
+    let mut summary = summary(&request);
+    let response = AdmissionResponse::from(&request);
+    let api_version = if request.kind.group.is_empty() {
+        request.kind.version.clone()
+    } else {
+        format!("{}/{}", request.kind.group, request.kind.version)
+    };
+    let pointer = template_pointer(&api_version, &request.kind.kind).filter(|p| !p.is_empty());
+    let (Some(pointer), Operation::Create | Operation::Update) = (pointer, &request.operation) else {
+        summary.reason = "not_a_workload";
+        return Ok((into_json(response), summary));
+    };
+    let object = request.object.as_ref().map(serde_json::to_value).transpose().unwrap_or_default();
+    let template =
+        object.as_ref().and_then(|o| o.pointer(pointer)).map(|t| json!({"metadata": t["metadata"], "spec": t["spec"]}));
+    let pod = match pod_from(template.as_ref(), &format!("the pod template at {pointer}")) {
+        Ok(pod) => pod,
+        Err(message) => {
+            summary.result = "denied";
+            summary.reason = "malformed_pod";
+            return Ok((into_json(deny(response, message)), summary));
+        }
+    };
+    let namespace = request
+        .namespace
+        .clone()
+        .or_else(|| object.as_ref().and_then(|o| o["metadata"]["namespace"].as_str().map(str::to_owned)))
+        .unwrap_or_else(|| "default".to_owned());
+    if let (Some(live), true) = (&webhook.live, is_labelled(&pod)) {
+        if let Some(spec) = &pod.spec {
+            live.ensure_service_account(&namespace, &service_account_name(spec)).await;
+        }
+    }
+    let policies = webhook.policies.current();
+    let inputs = Inputs {
+        namespace: &namespace,
+        sidecar: &webhook.sidecar,
+        policies: &policies,
+        cluster: webhook.cluster.as_ref(),
+    };
+    let response = match inject(&pod, &inputs) {
+        Ok(Outcome::Injected(injection)) => {
+            summary.result = "allowed";
+            let mut response = response;
+            if !injection.warnings.is_empty() {
+                response.warnings = Some(injection.warnings);
+            }
+            response
+        }
+        Ok(Outcome::AlreadyInjected) => {
+            summary.reason = "already_injected";
+            response
+        }
+        Ok(Outcome::NotRequested) => {
+            summary.reason = "not_labelled";
+            response
+        }
+        Err(denial) => {
+            summary.result = "denied";
+            summary.reason = denial.reason();
             deny(response, denial.to_string())
         }
     };
     Ok((into_json(response), summary))
+}
+
+fn namespace_of(request: &AdmissionRequest<DynamicObject>, pod: &Pod) -> String {
+    request
+        .namespace
+        .clone()
+        .filter(|n| !n.is_empty())
+        .or_else(|| pod.metadata.namespace.clone())
+        .unwrap_or_else(|| "default".to_owned())
+}
+
+fn is_labelled(pod: &Pod) -> bool {
+    pod.metadata.labels.as_ref().and_then(|l| l.get(wiproxy_common::INJECT_LABEL)).is_some_and(|v| v == "true")
 }
 
 fn deny(response: AdmissionResponse, message: impl ToString) -> AdmissionResponse {

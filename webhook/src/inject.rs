@@ -120,8 +120,7 @@ pub fn inject(pod: &Pod, inputs: &Inputs) -> Result<Outcome, Denial> {
     let namespace = inputs.namespace;
     let namespace_labels = inputs.cluster.namespace_labels(namespace);
     let selecting = inputs.policies.selecting(&namespace_labels);
-    let ksa = spec.service_account_name.clone().or_else(|| spec.service_account.clone());
-    let ksa = ksa.filter(|k| !k.is_empty()).unwrap_or_else(|| "default".to_owned());
+    let ksa = service_account_name(spec);
 
     let pod_gsa = match annotations.get(SERVICE_ACCOUNT_ANNOTATION).map(|v| v.trim()) {
         Some(value) if !is_service_account_email(value) => {
@@ -191,6 +190,12 @@ pub fn inject(pod: &Pod, inputs: &Inputs) -> Result<Outcome, Denial> {
     ));
 
     Ok(Outcome::Injected(Injection { patch: Patch(patch), warnings, service_account, gsa, policy: verdict.policy }))
+}
+
+/// The pod's Kubernetes ServiceAccount: `serviceAccountName`, the deprecated `serviceAccount`, or `default`.
+pub fn service_account_name(spec: &PodSpec) -> String {
+    let ksa = spec.service_account_name.clone().or_else(|| spec.service_account.clone());
+    ksa.filter(|k| !k.is_empty()).unwrap_or_else(|| "default".to_owned())
 }
 
 fn all_containers(spec: &PodSpec) -> impl Iterator<Item = &Container> {

@@ -7,7 +7,9 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 use wiproxy_webhook::cluster::StaticCluster;
 use wiproxy_webhook::config::{Cli, Command, LogFormat, NativeSidecars, RenderArgs, ServeArgs};
+use wiproxy_webhook::live::{self, LiveCluster};
 use wiproxy_webhook::policy::PolicySet;
+use wiproxy_webhook::policy_status::{self, Policies};
 use wiproxy_webhook::render;
 use wiproxy_webhook::server::{self, ServeConfig};
 use wiproxy_webhook::tls::ReloadingCertificate;
@@ -52,40 +54,72 @@ fn init_logging(filter: &str, format: LogFormat) {
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    // Without an API server to ask, `auto` assumes Kubernetes 1.29 or newer, as every supported GKE version is.
-    let native = args.native_sidecars != NativeSidecars::Never;
-    let sidecar = args.shared.sidecar(native).map_err(|e| anyhow!(e))?;
-    let policies = match &args.shared.policy_file {
-        Some(path) => yaml::load_policies(path)?,
-        None if !args.shared.policy_required => Vec::new(),
-        None => {
-            return Err(anyhow!(
-                "--policy-file is required: this build reads TokenProxyPolicies from a file only (or pass --policy-required=false)"
-            ))
-        }
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(serve_async(args))
+}
+
+async fn serve_async(args: ServeArgs) -> anyhow::Result<()> {
+    let required = args.shared.policy_required;
+    let file_policies = match &args.shared.policy_file {
+        Some(path) => Some(yaml::load_policies(path)?),
+        None => None,
     };
-    let mut cluster = StaticCluster::default();
-    if let Some(path) = &args.shared.cluster_file {
-        let documents = yaml::parse_stream(&yaml::read_file(path)?, &path.display().to_string())?;
-        cluster.add_documents(&documents, "default");
-    }
     let certificate = ReloadingCertificate::load(&args.tls_cert_file, &args.tls_key_file)
         .context("loading --tls-cert-file/--tls-key-file")?;
-    tracing::info!(policies = policies.len(), native, image = %sidecar.image, "configured");
+
+    let (webhook, synced): (Webhook, Option<server::Synced>) = match &args.shared.cluster_file {
+        // No Kubernetes API at all: policies and cluster state from files.
+        Some(path) => {
+            let Some(policies) = file_policies.or_else(|| (!required).then(Vec::new)) else {
+                return Err(anyhow!("--cluster-file needs --policy-file (or --policy-required=false): there is no cluster to read policies from"));
+            };
+            let documents = yaml::parse_stream(&yaml::read_file(path)?, &path.display().to_string())?;
+            let mut cluster = StaticCluster::default();
+            cluster.add_documents(&documents, "default");
+            // Without an API server to ask, `auto` assumes Kubernetes 1.29 or newer, as every supported GKE version is.
+            let native = args.native_sidecars != NativeSidecars::Never;
+            let sidecar = args.shared.sidecar(native).map_err(|e| anyhow!(e))?;
+            tracing::info!(policies = policies.len(), native, "running from files, without the Kubernetes API");
+            (Webhook::offline(sidecar, PolicySet::new(policies, required), Arc::new(cluster)), None)
+        }
+        None => {
+            let client = kube::Client::try_default()
+                .await
+                .context("connecting to the Kubernetes API (in-cluster or KUBECONFIG); pass --cluster-file and --policy-file to run without one")?;
+            let native = match args.native_sidecars {
+                NativeSidecars::Always => true,
+                NativeSidecars::Never => false,
+                NativeSidecars::Auto => live::supports_native_sidecars(&client)
+                    .await
+                    .context("reading the API server version for --native-sidecars auto")?,
+            };
+            let sidecar = args.shared.sidecar(native).map_err(|e| anyhow!(e))?;
+            let cluster = Arc::new(LiveCluster::watch(client.clone()));
+            let policies = Arc::new(Policies::new(PolicySet::new(file_policies.clone().unwrap_or_default(), required)));
+            let policy_store =
+                file_policies.is_none().then(|| policy_status::watch(client.clone(), policies.clone(), required));
+            tracing::info!(native, policies_from_file = policy_store.is_none(), "running in the cluster");
+            let watched = cluster.clone();
+            let synced: server::Synced = Box::pin(async move {
+                watched.synced().await;
+                if let Some(store) = policy_store {
+                    let _ = store.wait_until_ready().await;
+                }
+            });
+            let webhook = Webhook { sidecar, policies, cluster: cluster.clone(), live: Some(cluster) };
+            (webhook, Some(synced))
+        }
+    };
+    tracing::info!(image = %webhook.sidecar.image, "configured");
     let config = ServeConfig {
         listen: args.listen,
         admin_listen: args.admin_listen,
         certificate: Arc::new(certificate),
         tls_reload_interval: args.tls_reload_interval(),
         drain_timeout: args.drain_timeout(),
-        webhook: Webhook {
-            sidecar,
-            policies: PolicySet::new(policies, args.shared.policy_required),
-            cluster: Arc::new(cluster),
-        },
+        webhook,
     };
-    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    runtime.block_on(server::run(config))
+    server::run(config, synced).await
 }
 
 fn render_command(args: RenderArgs) -> ExitCode {

@@ -8,6 +8,7 @@ use prometheus_client::registry::Registry;
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReviewLabels {
+    pub webhook: String,
     pub result: String,
     pub reason: String,
 }
@@ -28,7 +29,11 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("wiproxy_webhook");
         let reviews = Family::<ReviewLabels, Counter>::default();
-        registry.register("reviews", "Admission reviews answered, by result and reason", reviews.clone());
+        registry.register(
+            "reviews",
+            "Admission reviews answered, by webhook (mutate, validate), result and reason",
+            reviews.clone(),
+        );
         let buckets = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0];
         let review_seconds = Histogram::new(buckets);
         registry.register("review_duration_seconds", "Time to answer an admission review", review_seconds.clone());
@@ -39,8 +44,9 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    pub fn review(&self, result: &str, reason: &str, seconds: f64) {
-        self.reviews.get_or_create(&ReviewLabels { result: result.to_owned(), reason: reason.to_owned() }).inc();
+    pub fn review(&self, webhook: &str, result: &str, reason: &str, seconds: f64) {
+        let labels = ReviewLabels { webhook: webhook.to_owned(), result: result.to_owned(), reason: reason.to_owned() };
+        self.reviews.get_or_create(&labels).inc();
         self.review_seconds.observe(seconds);
     }
 

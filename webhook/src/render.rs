@@ -7,6 +7,7 @@ use std::io::Read;
 use serde_json::{json, Value};
 use wiproxy_common::GKE_SERVICE_ACCOUNT_ANNOTATION;
 
+use crate::admission::template_pointer;
 use crate::cluster::StaticCluster;
 use crate::config::{RenderArgs, RenderNativeSidecars};
 use crate::inject::{inject, Inputs, Outcome, ServiceAccountChange, SidecarSettings};
@@ -72,18 +73,6 @@ pub fn load(args: &RenderArgs) -> Result<(String, String, RenderOptions), Render
         cluster,
     };
     Ok((input, source_name, options))
-}
-
-/// Where the pod template sits in a workload, matched on the exact group/version/kind.
-fn template_pointer(api_version: &str, kind: &str) -> Option<&'static str> {
-    match (api_version, kind) {
-        ("v1", "Pod") => Some(""),
-        ("apps/v1", "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet") | ("batch/v1", "Job") => {
-            Some("/spec/template")
-        }
-        ("batch/v1", "CronJob") => Some("/spec/jobTemplate/spec/template"),
-        _ => None,
-    }
 }
 
 struct Entry {

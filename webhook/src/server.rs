@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, info_span, warn, Instrument};
 
-use crate::admission::{review, ReviewError};
+use crate::admission::{review, validate, ReviewError};
 use crate::inject::ServiceAccountChange;
 use crate::metrics::Metrics;
 use crate::tls::ReloadingCertificate;
@@ -37,6 +37,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Set once shutdown starts: `/readyz` fails so the Service stops sending new reviews.
     pub draining: Arc<AtomicBool>,
+    /// Set once the policies and the cluster state have been read (at once from files).
+    pub synced: Arc<AtomicBool>,
     pub max_body_bytes: usize,
 }
 
@@ -46,6 +48,7 @@ impl AppState {
             webhook: Arc::new(webhook),
             metrics: Arc::new(Metrics::default()),
             draining: Arc::new(AtomicBool::new(false)),
+            synced: Arc::new(AtomicBool::new(true)),
             max_body_bytes: MAX_BODY_BYTES,
         }
     }
@@ -53,7 +56,11 @@ impl AppState {
 
 /// The admission routes, served over TLS.
 pub fn router(state: AppState) -> Router {
-    Router::new().route("/mutate", post(mutate)).fallback(not_found).with_state(state)
+    Router::new()
+        .route("/mutate", post(|state, request| handle(state, request, Endpoint::Mutate)))
+        .route("/validate", post(|state, request| handle(state, request, Endpoint::Validate)))
+        .fallback(not_found)
+        .with_state(state)
 }
 
 /// The admin routes, served over plain HTTP.
@@ -70,17 +77,35 @@ fn error(status: StatusCode, message: impl std::fmt::Display) -> Response {
 }
 
 async fn not_found() -> Response {
-    error(StatusCode::NOT_FOUND, "no such endpoint: the webhook serves POST /mutate")
+    error(
+        StatusCode::NOT_FOUND,
+        "no such endpoint: the webhook serves POST /mutate (pods) and POST /validate (workloads)",
+    )
 }
 
-async fn mutate(State(state): State<AppState>, request: Request) -> Response {
+#[derive(Clone, Copy)]
+enum Endpoint {
+    Mutate,
+    Validate,
+}
+
+impl Endpoint {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Mutate => "mutate",
+            Self::Validate => "validate",
+        }
+    }
+}
+
+async fn handle(State(state): State<AppState>, request: Request, endpoint: Endpoint) -> Response {
     let started = Instant::now();
     let body = match axum::body::to_bytes(request.into_body(), state.max_body_bytes).await {
         Ok(body) => body,
         Err(e) => {
             let too_large =
                 std::error::Error::source(&e).is_some_and(|source| source.is::<http_body_util::LengthLimitError>());
-            state.metrics.review("error", "body", started.elapsed().as_secs_f64());
+            state.metrics.review(endpoint.name(), "error", "body", started.elapsed().as_secs_f64());
             return if too_large {
                 warn!(limit = state.max_body_bytes, "review body too large");
                 error(StatusCode::PAYLOAD_TOO_LARGE, format!("body is larger than {} bytes", state.max_body_bytes))
@@ -89,16 +114,20 @@ async fn mutate(State(state): State<AppState>, request: Request) -> Response {
             };
         }
     };
-    match review(&state.webhook, &body) {
+    let answered = match endpoint {
+        Endpoint::Mutate => review(&state.webhook, &body).await,
+        Endpoint::Validate => validate(&state.webhook, &body).await,
+    };
+    match answered {
         Ok((response, summary)) => {
-            let span = info_span!("review", uid = %summary.uid, ns = %summary.namespace, pod = %summary.name);
+            let span = info_span!("review", webhook = endpoint.name(), uid = %summary.uid, ns = %summary.namespace, object = %summary.name);
             span.in_scope(|| {
                 info!(result = summary.result, reason = summary.reason, "reviewed");
-                if let ServiceAccountChange::Annotate { name, gsa } = &summary.service_account {
+                if let (ServiceAccountChange::Annotate { name, gsa }, None) = (&summary.service_account, &state.webhook.live) {
                     info!(ksa = %name, %gsa, "ServiceAccount needs the Workload Identity annotation; no Kubernetes API in file mode, left to the operator");
                 }
             });
-            state.metrics.review(summary.result, summary.reason, started.elapsed().as_secs_f64());
+            state.metrics.review(endpoint.name(), summary.result, summary.reason, started.elapsed().as_secs_f64());
             Json(response).into_response()
         }
         Err(e) => {
@@ -109,7 +138,7 @@ async fn mutate(State(state): State<AppState>, request: Request) -> Response {
                 ReviewError::Malformed(_) => "malformed",
             };
             warn!(reason, error = %e, "malformed review");
-            state.metrics.review("error", reason, started.elapsed().as_secs_f64());
+            state.metrics.review(endpoint.name(), "error", reason, started.elapsed().as_secs_f64());
             error(StatusCode::BAD_REQUEST, e)
         }
     }
@@ -118,6 +147,9 @@ async fn mutate(State(state): State<AppState>, request: Request) -> Response {
 async fn readyz(State(state): State<AppState>) -> Response {
     if state.draining.load(Ordering::Relaxed) {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
+    } else if !state.synced.load(Ordering::Relaxed) {
+        (StatusCode::SERVICE_UNAVAILABLE, "waiting for the first list of policies, namespaces and service accounts\n")
+            .into_response()
     } else {
         (StatusCode::OK, "ready\n").into_response()
     }
@@ -188,9 +220,21 @@ pub struct ServeConfig {
     pub webhook: Webhook,
 }
 
+/// Completes once the cluster state has been read; `/readyz` fails until then.
+pub type Synced = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
 /// Runs the webhook until SIGTERM or Ctrl-C.
-pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
+pub async fn run(config: ServeConfig, synced: Option<Synced>) -> anyhow::Result<()> {
     let state = AppState::new(config.webhook);
+    if let Some(synced) = synced {
+        state.synced.store(false, Ordering::Relaxed);
+        let flag = state.synced.clone();
+        tokio::spawn(async move {
+            synced.await;
+            info!("policies, namespaces and service accounts listed");
+            flag.store(true, Ordering::Relaxed);
+        });
+    }
     let metrics = state.metrics.clone();
     config.certificate.clone().watch(config.tls_reload_interval, move |result| match result {
         Ok(true) => {

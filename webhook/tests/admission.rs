@@ -243,8 +243,14 @@ async fn admin_port_reports_health_readiness_and_metrics() {
     let metrics = admin.clone().oneshot(get("/metrics")).await.expect("answer");
     let text =
         String::from_utf8(metrics.into_body().collect().await.expect("body").to_bytes().to_vec()).expect("utf-8");
-    assert!(text.contains(r#"wiproxy_webhook_reviews_total{result="injected",reason=""} 1"#), "{text}");
-    assert!(text.contains(r#"wiproxy_webhook_reviews_total{result="error",reason="not_json"} 1"#), "{text}");
+    assert!(
+        text.contains(r#"wiproxy_webhook_reviews_total{webhook="mutate",result="injected",reason=""} 1"#),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"wiproxy_webhook_reviews_total{webhook="mutate",result="error",reason="not_json"} 1"#),
+        "{text}"
+    );
     assert!(text.contains("wiproxy_webhook_review_duration_seconds_count 2"), "{text}");
     state.draining.store(true, std::sync::atomic::Ordering::Relaxed);
     assert_eq!(admin.oneshot(get("/readyz")).await.expect("answer").status(), StatusCode::SERVICE_UNAVAILABLE);

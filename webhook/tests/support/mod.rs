@@ -24,11 +24,7 @@ pub fn webhook() -> Webhook {
     let policies = yaml::load_policies(Path::new(POLICY_FILE)).expect("example policy loads");
     let mut cluster = StaticCluster::default();
     cluster.add_documents(&cluster_documents(), "default");
-    Webhook {
-        sidecar: SidecarSettings::default(),
-        policies: PolicySet::new(policies, true),
-        cluster: Arc::new(cluster),
-    }
+    Webhook::offline(SidecarSettings::default(), PolicySet::new(policies, true), Arc::new(cluster))
 }
 
 /// The AdmissionReview an API server sends for a Deployment's pod.
