@@ -7,7 +7,10 @@ use kube_core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview,
 use kube_core::DynamicObject;
 use serde_json::{json, Value};
 
+use std::sync::Arc;
+
 use crate::inject::{inject, service_account_name, Inputs, Outcome, ServiceAccountChange};
+use crate::live::LiveCluster;
 use crate::Webhook;
 
 const REVIEW_API_VERSION: &str = "admission.k8s.io/v1";
@@ -135,6 +138,7 @@ pub async fn review(webhook: &Webhook, body: &[u8]) -> Result<(Value, Summary), 
                             "cannot add {}: {gsa} to ServiceAccount {namespace}/{name}: {e}: create the ServiceAccount first, or annotate it yourself",
                             wiproxy_common::GKE_SERVICE_ACCOUNT_ANNOTATION
                         );
+                        record_denial(live, &namespace, &pod, &message);
                         return Ok((into_json(deny(response, message)), summary));
                     }
                 }
@@ -162,8 +166,7 @@ pub async fn review(webhook: &Webhook, body: &[u8]) -> Result<(Value, Summary), 
             summary.reason = denial.reason();
             let message = denial.to_string();
             if let (Some(live), false) = (&webhook.live, request.dry_run) {
-                let (live, namespace, pod, message) = (live.clone(), namespace.clone(), pod.clone(), message.clone());
-                tokio::spawn(async move { live.record_denial(&namespace, &pod, &message).await });
+                record_denial(live, &namespace, &pod, &message);
             }
             deny(response, message)
         }
@@ -251,6 +254,13 @@ pub async fn validate(webhook: &Webhook, body: &[u8]) -> Result<(Value, Summary)
         }
     };
     Ok((into_json(response), summary))
+}
+
+/// Records the denial as an Event on the pod's owner, in the background: the answer to the API
+/// server does not wait for it.
+fn record_denial(live: &Arc<LiveCluster>, namespace: &str, pod: &Pod, message: &str) {
+    let (live, namespace, pod, message) = (live.clone(), namespace.to_owned(), pod.clone(), message.to_owned());
+    tokio::spawn(async move { live.record_denial(&namespace, &pod, &message).await });
 }
 
 fn namespace_of(request: &AdmissionRequest<DynamicObject>, pod: &Pod) -> String {

@@ -255,3 +255,89 @@ async fn admin_port_reports_health_readiness_and_metrics() {
     state.draining.store(true, std::sync::atomic::Ordering::Relaxed);
     assert_eq!(admin.oneshot(get("/readyz")).await.expect("answer").status(), StatusCode::SERVICE_UNAVAILABLE);
 }
+
+/// An AdmissionReview for `object`, as the API server sends it to the validating webhook.
+fn workload_review(object: &Value, operation: &str) -> Value {
+    let api_version = object["apiVersion"].as_str().expect("apiVersion");
+    let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+    let kind = object["kind"].as_str().expect("kind");
+    let resource = format!("{}s", kind.to_lowercase());
+    json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "8f1c1c34-35f4-4b4e-9f0c-2c4e1a1b0a01",
+            "kind": {"group": group, "version": version, "kind": kind},
+            "resource": {"group": group, "version": version, "resource": resource},
+            "name": object["metadata"]["name"],
+            "namespace": "payments",
+            "operation": operation,
+            "userInfo": {"username": "alice@example.com", "groups": ["system:authenticated"]},
+            "object": object,
+            "oldObject": null,
+            "dryRun": false,
+        }
+    })
+}
+
+async fn post_to(state: &AppState, path: &str, body: String) -> Value {
+    let request =
+        Request::post(path).header("content-type", "application/json").body(Body::from(body)).expect("request");
+    let response = router(state.clone()).oneshot(request).await.expect("router answers");
+    assert_eq!(response.status(), StatusCode::OK);
+    let bytes = response.into_body().collect().await.expect("body").to_bytes();
+    serde_json::from_slice(&bytes).expect("JSON")
+}
+
+#[tokio::test]
+async fn validation_checks_every_workload_kind_like_injection_does() {
+    let state = state();
+    let cases = ["deployment-plain", "statefulset", "daemonset", "replicaset", "job", "cronjob"];
+    for case in cases {
+        let text = std::fs::read_to_string(format!("tests/golden/{case}/input.yaml")).expect("golden input");
+        let object: Value = serde_yaml::from_str(&text).expect("YAML");
+        let kind = object["kind"].as_str().unwrap_or_default().to_owned();
+
+        let allowed = post_to(&state, "/validate", workload_review(&object, "CREATE").to_string()).await;
+        assert_eq!(allowed["response"]["allowed"], true, "{kind}: {allowed}");
+        assert!(allowed["response"].get("patch").is_none(), "{kind}: validation never patches");
+
+        // The same workload with a plain-http upstream fails the apply with the webhook's message.
+        let bad_text = text.replace("=https://", "=http://");
+        let bad: Value = serde_yaml::from_str(&bad_text).expect("YAML");
+        let denied = post_to(&state, "/validate", workload_review(&bad, "UPDATE").to_string()).await;
+        assert_eq!(denied["response"]["allowed"], false, "{kind}: {denied}");
+        let message = denied["response"]["status"]["message"].as_str().unwrap_or_default();
+        assert!(
+            message.starts_with("annotation wiproxy.io/upstreams: upstream") && message.contains("is not https"),
+            "{kind}: {message}"
+        );
+
+        // Deleting is never blocked.
+        let deleted = post_to(&state, "/validate", workload_review(&bad, "DELETE").to_string()).await;
+        assert_eq!(deleted["response"]["allowed"], true, "{kind}");
+    }
+
+    // A workload without the label, and objects that are not workloads, pass.
+    let text = std::fs::read_to_string("tests/golden/deployment-plain/input.yaml").expect("golden input");
+    let unlabelled =
+        text.replace("wiproxy.io/inject: \"true\"", "wiproxy.io/inject: \"false\"").replace("=https://", "=http://");
+    let object: Value = serde_yaml::from_str(&unlabelled).expect("YAML");
+    let answer = post_to(&state, "/validate", workload_review(&object, "CREATE").to_string()).await;
+    assert_eq!(answer["response"]["allowed"], true);
+    let config_map = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}});
+    let answer = post_to(&state, "/validate", workload_review(&config_map, "CREATE").to_string()).await;
+    assert_eq!(answer["response"]["allowed"], true);
+}
+
+#[tokio::test]
+async fn validation_denies_a_forbidden_service_account_at_apply_time() {
+    let state = state();
+    let text = std::fs::read_to_string("tests/golden/policy-denies-gsa/input.yaml").expect("golden input");
+    let object: Value = serde_yaml::from_str(&text).expect("YAML");
+    let answer = post_to(&state, "/validate", workload_review(&object, "CREATE").to_string()).await;
+    assert_eq!(answer["response"]["allowed"], false);
+    let expected = std::fs::read_to_string("tests/golden/policy-denies-gsa/stderr.txt").expect("golden denial");
+    let message = answer["response"]["status"]["message"].as_str().unwrap_or_default();
+    assert!(expected.contains(message), "the apply-time message equals render's:\n{message}\n{expected}");
+}

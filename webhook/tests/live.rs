@@ -1,0 +1,305 @@
+//! The webhook against a mocked Kubernetes API (`tower-test`): the exact calls it makes at
+//! admission, on a dry run, on a conflict, for policy status and for the version probe.
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Method, Request, Response, StatusCode};
+use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use kube::api::{Api, ObjectMeta, PartialObjectMeta};
+use kube::client::Body;
+use kube::runtime::reflector::{self, store::Writer};
+use kube::runtime::watcher;
+use kube::Client;
+use serde_json::{json, Value};
+use tower_test::mock::{self, Handle, SendResponse};
+use wiproxy_webhook::admission::review;
+use wiproxy_webhook::inject::SidecarSettings;
+use wiproxy_webhook::live::{supports_native_sidecars, LiveCluster};
+use wiproxy_webhook::policy::{PolicySet, TokenProxyPolicy};
+use wiproxy_webhook::policy_status::{write_status, Policies};
+use wiproxy_webhook::{yaml, Webhook};
+
+type ApiHandle = Handle<Request<Body>, Response<Body>>;
+
+const SA_PATH: &str = "/api/v1/namespaces/payments/serviceaccounts/orders-client";
+const GSA: &str = "invoker@client-project.iam.gserviceaccount.com";
+
+fn meta<K>(name: &str, namespace: Option<&str>, labels: Value, annotations: Value) -> PartialObjectMeta<K> {
+    let metadata: ObjectMeta = serde_json::from_value(json!({
+        "name": name, "namespace": namespace, "labels": labels, "annotations": annotations,
+    }))
+    .expect("metadata");
+    PartialObjectMeta { types: None, metadata, _phantom: std::marker::PhantomData }
+}
+
+/// A webhook in cluster mode over a mocked API. The namespace `payments` (team=payments) is in
+/// its store; `service_account` is put in the store when given.
+fn webhook(service_account: Option<PartialObjectMeta<ServiceAccount>>) -> (Webhook, ApiHandle) {
+    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, "default");
+    let (namespaces, mut namespace_writer): (_, Writer<PartialObjectMeta<Namespace>>) = reflector::store();
+    namespace_writer.apply_watcher_event(&watcher::Event::Apply(meta(
+        "payments",
+        None,
+        json!({"team": "payments"}),
+        json!({}),
+    )));
+    let (service_accounts, mut sa_writer) = reflector::store();
+    if let Some(sa) = service_account {
+        sa_writer.apply_watcher_event(&watcher::Event::Apply(sa));
+    }
+    let live = Arc::new(LiveCluster::new(client, namespaces, service_accounts));
+    let policies = yaml::load_policies(std::path::Path::new(support::POLICY_FILE)).expect("policy");
+    let webhook = Webhook {
+        sidecar: SidecarSettings::default(),
+        policies: Arc::new(Policies::new(PolicySet::new(policies, true))),
+        cluster: live.clone(),
+        live: Some(live),
+    };
+    (webhook, handle)
+}
+
+async fn next(handle: &mut ApiHandle) -> (Request<Body>, SendResponse<Response<Body>>) {
+    tokio::time::timeout(Duration::from_secs(5), handle.next_request())
+        .await
+        .expect("an API call in time")
+        .expect("the client is alive")
+}
+
+async fn no_more_calls(handle: &mut ApiHandle) {
+    if let Ok(Some((request, _))) = tokio::time::timeout(Duration::from_millis(300), handle.next_request()).await {
+        panic!("unexpected API call {} {}", request.method(), request.uri());
+    }
+}
+
+fn reply(send: SendResponse<Response<Body>>, status: StatusCode, body: Value) {
+    send.send_response(
+        Response::builder().status(status).body(Body::from(body.to_string().into_bytes())).expect("response"),
+    );
+}
+
+fn sa_metadata(annotations: Value) -> Value {
+    json!({
+        "apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+        "metadata": {"name": "orders-client", "namespace": "payments", "annotations": annotations},
+    })
+}
+
+async fn body_json(request: Request<Body>) -> Value {
+    let bytes = request.into_body().collect_bytes().await.expect("body");
+    serde_json::from_slice(&bytes).expect("JSON body")
+}
+
+#[tokio::test]
+async fn admission_reads_a_new_service_account_then_annotates_it() {
+    let (webhook, mut handle) = webhook(None);
+    let body = support::review_fixture().to_string();
+    let api = tokio::spawn(async move {
+        let (request, send) = next(&mut handle).await;
+        assert_eq!((request.method(), request.uri().path()), (&Method::GET, SA_PATH), "store miss: read it directly");
+        reply(send, StatusCode::OK, sa_metadata(json!({})));
+        let (request, send) = next(&mut handle).await;
+        assert_eq!((request.method(), request.uri().path()), (&Method::PATCH, SA_PATH));
+        assert_eq!(request.headers()["content-type"], "application/merge-patch+json");
+        let patch = body_json(request).await;
+        assert_eq!(patch, json!({"metadata": {"annotations": {"iam.gke.io/gcp-service-account": GSA}}}));
+        reply(send, StatusCode::OK, sa_metadata(json!({"iam.gke.io/gcp-service-account": GSA})));
+        no_more_calls(&mut handle).await;
+    });
+    let (response, summary) = review(&webhook, body.as_bytes()).await.expect("a review");
+    assert_eq!(response["response"]["allowed"], true, "{response}");
+    assert_eq!(summary.result, "injected");
+    api.await.expect("the API saw GET then PATCH");
+}
+
+#[tokio::test]
+async fn a_dry_run_changes_nothing_in_the_cluster() {
+    let (webhook, mut handle) = webhook(None);
+    let mut fixture = support::review_fixture();
+    fixture["request"]["dryRun"] = json!(true);
+    let api = tokio::spawn(async move {
+        let (request, send) = next(&mut handle).await;
+        assert_eq!((request.method(), request.uri().path()), (&Method::GET, SA_PATH));
+        reply(send, StatusCode::OK, sa_metadata(json!({})));
+        no_more_calls(&mut handle).await;
+    });
+    let (response, _) = review(&webhook, fixture.to_string().as_bytes()).await.expect("a review");
+    assert_eq!(response["response"]["allowed"], true);
+    assert!(response["response"]["patch"].is_string(), "the pod is still injected");
+    api.await.expect("no PATCH on a dry run");
+}
+
+#[tokio::test]
+async fn a_service_account_in_the_store_needs_no_call() {
+    let mapped = meta("orders-client", Some("payments"), json!({}), json!({"iam.gke.io/gcp-service-account": GSA}));
+    let (webhook, mut handle) = webhook(Some(mapped));
+    let (response, _) = review(&webhook, support::review_fixture().to_string().as_bytes()).await.expect("a review");
+    assert_eq!(response["response"]["allowed"], true);
+    no_more_calls(&mut handle).await;
+}
+
+#[tokio::test]
+async fn a_service_account_mapped_elsewhere_is_denied_and_the_deployment_hears_of_it() {
+    let (webhook, mut handle) = webhook(None);
+    let mut fixture = support::review_fixture();
+    fixture["request"]["object"]["metadata"]["annotations"]["wiproxy.io/service-account"] = json!(GSA);
+    let api = tokio::spawn(async move {
+        let (request, send) = next(&mut handle).await;
+        assert_eq!((request.method(), request.uri().path()), (&Method::GET, SA_PATH));
+        reply(
+            send,
+            StatusCode::OK,
+            sa_metadata(json!({"iam.gke.io/gcp-service-account": "other@client-project.iam.gserviceaccount.com"})),
+        );
+        // The denial is recorded on the Deployment above the pod's ReplicaSet.
+        let (request, send) = next(&mut handle).await;
+        assert_eq!(
+            (request.method(), request.uri().path()),
+            (&Method::GET, "/apis/apps/v1/namespaces/payments/replicasets/orders-client-6d9f7c7b5d")
+        );
+        reply(
+            send,
+            StatusCode::OK,
+            json!({
+                "apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+                "metadata": {"name": "orders-client-6d9f7c7b5d", "namespace": "payments", "ownerReferences": [{
+                    "apiVersion": "apps/v1", "kind": "Deployment", "name": "orders-client",
+                    "uid": "d1d2d3d4-0000-4000-8000-000000000002", "controller": true,
+                }]},
+            }),
+        );
+        let (request, send) = next(&mut handle).await;
+        assert_eq!(
+            (request.method(), request.uri().path()),
+            (&Method::POST, "/apis/events.k8s.io/v1/namespaces/payments/events")
+        );
+        let event = body_json(request).await;
+        assert_eq!(event["regarding"]["kind"], "Deployment");
+        assert_eq!(event["regarding"]["name"], "orders-client");
+        assert_eq!(event["type"], "Warning");
+        assert!(event["note"].as_str().is_some_and(|n| n.contains("other@client-project")), "{event}");
+        reply(send, StatusCode::CREATED, event);
+        no_more_calls(&mut handle).await;
+    });
+    let (response, summary) = review(&webhook, fixture.to_string().as_bytes()).await.expect("a review");
+    assert_eq!(response["response"]["allowed"], false);
+    assert_eq!(summary.reason, "ksa_conflict");
+    let message = response["response"]["status"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("payments/orders-client is mapped to other@client-project"), "{message}");
+    api.await.expect("GET, then the Event; never a PATCH");
+}
+
+#[tokio::test]
+async fn a_failed_annotation_denies_with_the_reason() {
+    let (webhook, mut handle) = webhook(None);
+    let api = tokio::spawn(async move {
+        let (_, send) = next(&mut handle).await;
+        reply(send, StatusCode::OK, sa_metadata(json!({})));
+        let (request, send) = next(&mut handle).await;
+        assert_eq!(request.method(), Method::PATCH);
+        reply(
+            send,
+            StatusCode::FORBIDDEN,
+            json!({
+                "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden", "code": 403,
+                "message": "serviceaccounts \"orders-client\" is forbidden: User cannot patch resource",
+            }),
+        );
+        // The denial Event: the owner lookup and the Event itself.
+        let (_, send) = next(&mut handle).await;
+        reply(
+            send,
+            StatusCode::NOT_FOUND,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"}),
+        );
+        let (request, send) = next(&mut handle).await;
+        assert_eq!(request.method(), Method::POST, "the denial Event");
+        reply(send, StatusCode::CREATED, json!({}));
+    });
+    let (response, _) = review(&webhook, support::review_fixture().to_string().as_bytes()).await.expect("a review");
+    let message = response["response"]["status"]["message"].as_str().unwrap_or_default().to_owned();
+    assert_eq!(response["response"]["allowed"], false);
+    assert!(
+        message.contains("cannot add iam.gke.io/gcp-service-account") && message.contains("forbidden"),
+        "{message}"
+    );
+    api.await.expect("GET, PATCH, owner lookup, Event");
+}
+
+fn policy(name: &str, spec: Value, status: Value) -> TokenProxyPolicy {
+    serde_json::from_value(json!({
+        "apiVersion": "wiproxy.io/v1alpha1", "kind": "TokenProxyPolicy",
+        "metadata": {"name": name, "generation": 3}, "spec": spec, "status": status,
+    }))
+    .expect("policy")
+}
+
+#[tokio::test]
+async fn policy_status_is_written_when_it_changes() {
+    let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let api: Api<TokenProxyPolicy> = Api::all(Client::new(service, "default"));
+    let invalid = policy("bad", json!({"namespaceSelector": {}, "upstreams": ["http://x/"]}), json!({}));
+    let verdict = wiproxy_webhook::policy_status::evaluate(&[Arc::new(invalid.clone())], true).1.remove(0).1;
+    assert!(verdict.is_err());
+    let calls = tokio::spawn(async move {
+        let (request, send) = next(&mut handle).await;
+        assert_eq!(
+            (request.method(), request.uri().path()),
+            (&Method::PATCH, "/apis/wiproxy.io/v1alpha1/tokenproxypolicies/bad/status")
+        );
+        let patch = body_json(request).await;
+        let condition = &patch["status"]["conditions"][0];
+        assert_eq!(condition["type"], "Ready");
+        assert_eq!(condition["status"], "False");
+        assert_eq!(condition["reason"], "Invalid");
+        assert_eq!(condition["observedGeneration"], 3);
+        assert!(condition["message"].as_str().is_some_and(|m| m.contains("spec.upstreams[0]")), "{patch}");
+        reply(
+            send,
+            StatusCode::OK,
+            json!({
+                "apiVersion": "wiproxy.io/v1alpha1", "kind": "TokenProxyPolicy", "metadata": {"name": "bad"},
+                "spec": {"namespaceSelector": {}}, "status": patch["status"],
+            }),
+        );
+        no_more_calls(&mut handle).await;
+    });
+    assert!(write_status(&api, &invalid, &verdict).await.expect("written"));
+
+    // A policy whose condition already says the same is left alone.
+    let current = policy(
+        "good",
+        json!({"namespaceSelector": {}}),
+        json!({"conditions": [{
+            "type": "Ready", "status": "True", "reason": "Valid", "message": "the policy is in force",
+            "observedGeneration": 3, "lastTransitionTime": "2026-11-01T00:00:00Z",
+        }]}),
+    );
+    assert!(!write_status(&api, &current, &Ok(())).await.expect("nothing to write"));
+    calls.await.expect("one PATCH for the invalid policy only");
+}
+
+#[tokio::test]
+async fn the_version_probe_decides_native_sidecars() {
+    for (minor, native) in [("28", false), ("29", true), ("31+", true)] {
+        let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(service, "default");
+        let api = tokio::spawn(async move {
+            let (request, send) = next(&mut handle).await;
+            assert_eq!((request.method(), request.uri().path()), (&Method::GET, "/version"));
+            reply(
+                send,
+                StatusCode::OK,
+                json!({
+                    "major": "1", "minor": minor, "gitVersion": format!("v1.{minor}.3-gke.100"), "gitCommit": "", "gitTreeState": "",
+                    "buildDate": "2026-10-01T00:00:00Z", "goVersion": "go1.25", "compiler": "gc", "platform": "linux/amd64",
+                }),
+            );
+        });
+        assert_eq!(supports_native_sidecars(&client).await.expect("a version"), native, "1.{minor}");
+        api.await.expect("GET /version");
+    }
+}
