@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 use serde_json::Value;
 
+use crate::certs::SelfSigned;
 use crate::inject::SidecarSettings;
 
 #[derive(Debug, Parser)]
@@ -103,11 +104,34 @@ pub struct ServeArgs {
     #[arg(long, env = "WIPROXY_WEBHOOK_LISTEN", default_value = "0.0.0.0:10250")]
     pub listen: SocketAddr,
     /// PEM certificate chain; reloaded when it changes.
-    #[arg(long, env = "WIPROXY_WEBHOOK_TLS_CERT_FILE", value_name = "FILE")]
-    pub tls_cert_file: PathBuf,
+    #[arg(
+        long,
+        env = "WIPROXY_WEBHOOK_TLS_CERT_FILE",
+        value_name = "FILE",
+        required_unless_present = "self_signed_secret"
+    )]
+    pub tls_cert_file: Option<PathBuf>,
     /// PEM private key; reloaded when it changes.
-    #[arg(long, env = "WIPROXY_WEBHOOK_TLS_KEY_FILE", value_name = "FILE")]
-    pub tls_key_file: PathBuf,
+    #[arg(
+        long,
+        env = "WIPROXY_WEBHOOK_TLS_KEY_FILE",
+        value_name = "FILE",
+        required_unless_present = "self_signed_secret"
+    )]
+    pub tls_key_file: Option<PathBuf>,
+    /// Manage a self-signed CA and serving certificate in this Secret instead of reading files
+    /// (created if absent, shared by all replicas, renewed at two thirds of its lifetime).
+    #[arg(long, env = "WIPROXY_WEBHOOK_SELF_SIGNED_SECRET", value_name = "NAMESPACE/NAME", conflicts_with_all = ["tls_cert_file", "tls_key_file"])]
+    pub self_signed_secret: Option<String>,
+    /// Self-signed mode: the Service the API server calls (its DNS names go into the certificate).
+    #[arg(long, env = "WIPROXY_WEBHOOK_SELF_SIGNED_SERVICE", value_name = "NAME", default_value = "wiproxy")]
+    pub self_signed_service: String,
+    /// Self-signed mode: certificate lifetime in hours.
+    #[arg(long, env = "WIPROXY_WEBHOOK_SELF_SIGNED_DURATION_HOURS", value_name = "HOURS", default_value_t = 8760)]
+    pub self_signed_duration_hours: u64,
+    /// Self-signed mode: webhook configurations (mutating and validating, by name) that get the CA as caBundle.
+    #[arg(long, env = "WIPROXY_WEBHOOK_WEBHOOK_CONFIGURATIONS", value_name = "NAME[,NAME]", value_delimiter = ',')]
+    pub webhook_configurations: Vec<String>,
     /// How often the certificate files are checked for changes, in seconds.
     #[arg(long, env = "WIPROXY_WEBHOOK_TLS_RELOAD_INTERVAL", value_name = "SECONDS", default_value_t = 5)]
     pub tls_reload_interval: u64,
@@ -125,6 +149,24 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
+    /// The self-signed mode settings, when `--self-signed-secret` is given.
+    pub fn self_signed(&self) -> Result<Option<SelfSigned>, String> {
+        let Some(secret) = &self.self_signed_secret else { return Ok(None) };
+        let Some((namespace, name)) = secret.split_once('/').filter(|(ns, n)| !ns.is_empty() && !n.is_empty()) else {
+            return Err(format!("--self-signed-secret {secret:?}: write NAMESPACE/NAME"));
+        };
+        if self.self_signed_duration_hours < 24 {
+            return Err("--self-signed-duration-hours: give at least 24".to_owned());
+        }
+        Ok(Some(SelfSigned {
+            namespace: namespace.to_owned(),
+            secret: name.to_owned(),
+            service: self.self_signed_service.clone(),
+            lifetime: Duration::from_secs(self.self_signed_duration_hours * 3600),
+            webhook_configurations: self.webhook_configurations.clone(),
+        }))
+    }
+
     pub fn tls_reload_interval(&self) -> Duration {
         Duration::from_secs(self.tls_reload_interval.max(1))
     }

@@ -2,6 +2,7 @@
 //! and `render`, the same injection offline.
 
 pub mod admission;
+pub mod certs;
 pub mod cluster;
 pub mod config;
 pub mod denial;

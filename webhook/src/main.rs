@@ -13,7 +13,7 @@ use wiproxy_webhook::policy_status::{self, Policies};
 use wiproxy_webhook::render;
 use wiproxy_webhook::server::{self, ServeConfig};
 use wiproxy_webhook::tls::ReloadingCertificate;
-use wiproxy_webhook::{yaml, Webhook};
+use wiproxy_webhook::{certs, yaml, Webhook};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -64,10 +64,18 @@ async fn serve_async(args: ServeArgs) -> anyhow::Result<()> {
         Some(path) => Some(yaml::load_policies(path)?),
         None => None,
     };
-    let certificate = ReloadingCertificate::load(&args.tls_cert_file, &args.tls_key_file)
-        .context("loading --tls-cert-file/--tls-key-file")?;
+    let self_signed = args.self_signed().map_err(|e| anyhow!(e))?;
+    let from_files = || match (&args.tls_cert_file, &args.tls_key_file) {
+        (Some(cert), Some(key)) => {
+            ReloadingCertificate::load(cert, key).map(Some).context("loading --tls-cert-file/--tls-key-file")
+        }
+        _ => Ok(None),
+    };
 
-    let (webhook, synced): (Webhook, Option<server::Synced>) = match &args.shared.cluster_file {
+    let (webhook, synced, certificate): (Webhook, Option<server::Synced>, Arc<ReloadingCertificate>) = match &args
+        .shared
+        .cluster_file
+    {
         // No Kubernetes API at all: policies and cluster state from files.
         Some(path) => {
             let Some(policies) = file_policies.or_else(|| (!required).then(Vec::new)) else {
@@ -79,8 +87,16 @@ async fn serve_async(args: ServeArgs) -> anyhow::Result<()> {
             // Without an API server to ask, `auto` assumes Kubernetes 1.29 or newer, as every supported GKE version is.
             let native = args.native_sidecars != NativeSidecars::Never;
             let sidecar = args.shared.sidecar(native).map_err(|e| anyhow!(e))?;
+            if self_signed.is_some() {
+                return Err(anyhow!("--self-signed-secret needs the Kubernetes API: give --tls-cert-file and --tls-key-file with --cluster-file"));
+            }
             tracing::info!(policies = policies.len(), native, "running from files, without the Kubernetes API");
-            (Webhook::offline(sidecar, PolicySet::new(policies, required), Arc::new(cluster)), None)
+            let certificate = from_files()?.ok_or_else(|| anyhow!("give --tls-cert-file and --tls-key-file"))?;
+            (
+                Webhook::offline(sidecar, PolicySet::new(policies, required), Arc::new(cluster)),
+                None,
+                Arc::new(certificate),
+            )
         }
         None => {
             let client = kube::Client::try_default()
@@ -107,19 +123,55 @@ async fn serve_async(args: ServeArgs) -> anyhow::Result<()> {
                 }
             });
             let webhook = Webhook { sidecar, policies, cluster: cluster.clone(), live: Some(cluster) };
-            (webhook, Some(synced))
+            let certificate = match &self_signed {
+                Some(config) => self_signed_certificate(&client, config).await,
+                None => Arc::new(
+                    from_files()?
+                        .ok_or_else(|| anyhow!("give --tls-cert-file and --tls-key-file, or --self-signed-secret"))?,
+                ),
+            };
+            (webhook, Some(synced), certificate)
         }
     };
     tracing::info!(image = %webhook.sidecar.image, "configured");
     let config = ServeConfig {
         listen: args.listen,
         admin_listen: args.admin_listen,
-        certificate: Arc::new(certificate),
+        certificate,
+        watch_certificate_files: self_signed.is_none(),
         tls_reload_interval: args.tls_reload_interval(),
         drain_timeout: args.drain_timeout(),
         webhook,
     };
     server::run(config, synced).await
+}
+
+/// Self-signed mode: the pair from the Secret (created if absent), retried until the API answers,
+/// with the CA published and kept current in the background.
+async fn self_signed_certificate(client: &kube::Client, config: &certs::SelfSigned) -> Arc<ReloadingCertificate> {
+    loop {
+        let pair = match certs::ensure(client, config, std::time::SystemTime::now()).await {
+            Ok(pair) => pair,
+            Err(e) => {
+                tracing::warn!(error = %e, secret = %config.secret, "cannot get the serving certificate; retrying in 5 s");
+                tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+                continue;
+            }
+        };
+        let certificate = match ReloadingCertificate::from_pem(pair.cert_pem.as_bytes(), pair.key_pem.as_bytes()) {
+            Ok(certificate) => Arc::new(certificate),
+            Err(e) => {
+                tracing::warn!(error = %e, secret = %config.secret, "the Secret's certificate does not load; retrying in 5 s");
+                tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+                continue;
+            }
+        };
+        if let Err(e) = certs::publish_ca(client, config, &pair.ca_pem).await {
+            tracing::warn!(error = %e, "cannot update caBundle yet; it is retried every minute");
+        }
+        certs::maintain(client.clone(), config.clone(), certificate.clone(), std::time::Duration::from_secs(60));
+        return certificate;
+    }
 }
 
 fn render_command(args: RenderArgs) -> ExitCode {

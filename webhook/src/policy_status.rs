@@ -129,3 +129,61 @@ pub fn watch(client: Client, policies: Arc<Policies>, required: bool) -> Store<T
     }));
     store
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn object(name: &str, spec: Value, status: Value) -> Arc<TokenProxyPolicy> {
+        Arc::new(
+            serde_json::from_value(json!({
+                "apiVersion": "wiproxy.io/v1alpha1", "kind": "TokenProxyPolicy",
+                "metadata": {"name": name, "generation": 2}, "spec": spec, "status": status,
+            }))
+            .expect("policy"),
+        )
+    }
+
+    fn time(text: &str) -> Time {
+        serde_json::from_value(json!(text)).expect("time")
+    }
+
+    #[test]
+    fn invalid_selectors_and_globs_are_reported_and_left_out() {
+        let objects = [
+            object(
+                "good",
+                json!({"namespaceSelector": {}, "serviceAccounts": ["*@p.iam.gserviceaccount.com"]}),
+                json!({}),
+            ),
+            object(
+                "bad-selector",
+                json!({"namespaceSelector": {"matchExpressions": [{"key": "team", "operator": "Near"}]}}),
+                json!({}),
+            ),
+            object("bad-glob", json!({"namespaceSelector": {}, "serviceAccounts": ["no-at-sign"]}), json!({})),
+        ];
+        let (set, verdicts) = evaluate(&objects, true);
+        assert_eq!(set.selecting(&Default::default()).len(), 1, "only the valid policy is in force");
+        assert_eq!(verdicts[0].1, Ok(()));
+        assert!(verdicts[1].1.as_ref().is_err_and(|e| e.contains("spec.namespaceSelector")), "{:?}", verdicts[1]);
+        assert!(verdicts[2].1.as_ref().is_err_and(|e| e.contains("spec.serviceAccounts[0]")), "{:?}", verdicts[2]);
+    }
+
+    #[test]
+    fn conditions_change_only_when_the_verdict_does() {
+        let now = time("2026-11-29T10:00:00Z");
+        let fresh = object("p", json!({"namespaceSelector": {}}), json!({}));
+        let patch = status_patch(&fresh, &Ok(()), now.clone()).expect("a first condition");
+        assert_eq!(patch["status"]["conditions"][0]["lastTransitionTime"], "2026-11-29T10:00:00Z");
+
+        let ready = object("p", json!({"namespaceSelector": {}}), patch["status"].clone());
+        assert_eq!(status_patch(&ready, &Ok(()), time("2026-11-29T11:00:00Z")), None, "same verdict, no write");
+
+        let broken = status_patch(&ready, &Err("spec.upstreams[0]: bad".into()), time("2026-11-29T12:00:00Z"))
+            .expect("a new verdict");
+        let condition = &broken["status"]["conditions"][0];
+        assert_eq!((condition["status"].as_str(), condition["reason"].as_str()), (Some("False"), Some("Invalid")));
+        assert_eq!(condition["lastTransitionTime"], "2026-11-29T12:00:00Z");
+    }
+}

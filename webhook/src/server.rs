@@ -215,6 +215,8 @@ pub struct ServeConfig {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
     pub certificate: Arc<ReloadingCertificate>,
+    /// Poll the certificate files (not in self-signed mode, where the pair comes from a Secret).
+    pub watch_certificate_files: bool,
     pub tls_reload_interval: Duration,
     pub drain_timeout: Duration,
     pub webhook: Webhook,
@@ -236,17 +238,19 @@ pub async fn run(config: ServeConfig, synced: Option<Synced>) -> anyhow::Result<
         });
     }
     let metrics = state.metrics.clone();
-    config.certificate.clone().watch(config.tls_reload_interval, move |result| match result {
-        Ok(true) => {
-            info!("serving certificate reloaded");
-            metrics.reload("success");
-        }
-        Ok(false) => {}
-        Err(e) => {
-            warn!(error = %e, "serving certificate not reloaded; the previous one stays");
-            metrics.reload("error");
-        }
-    });
+    if config.watch_certificate_files {
+        config.certificate.clone().watch(config.tls_reload_interval, move |result| match result {
+            Ok(true) => {
+                info!("serving certificate reloaded");
+                metrics.reload("success");
+            }
+            Ok(false) => {}
+            Err(e) => {
+                warn!(error = %e, "serving certificate not reloaded; the previous one stays");
+                metrics.reload("error");
+            }
+        });
+    }
     let tls = Arc::new(config.certificate.clone().server_config());
 
     let listener = TcpListener::bind(config.listen)

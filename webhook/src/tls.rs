@@ -51,10 +51,19 @@ impl ReloadingCertificate {
         })
     }
 
-    /// Reads the files again. `Ok(true)` when a new pair is now served, `Ok(false)` when they are
-    /// unchanged, `Err` when they changed but do not load (the previous pair stays).
-    pub fn reload(&self) -> Result<bool, TlsError> {
-        let source = read_pair(&self.cert_path, &self.key_path)?;
+    /// A pair held in memory (self-signed mode), replaced with `install`; no files involved.
+    pub fn from_pem(cert: &[u8], key: &[u8]) -> Result<Self, TlsError> {
+        let source = (cert.to_vec(), key.to_vec());
+        let key = certified_key(Path::new("<memory>"), Path::new("<memory>"), &source)?;
+        Ok(Self { cert_path: PathBuf::new(), key_path: PathBuf::new(), current: RwLock::new(Loaded { key, source }) })
+    }
+
+    /// Serves `cert`/`key` from now on; `Ok(false)` when they are what is served already.
+    pub fn install(&self, cert: &[u8], key: &[u8]) -> Result<bool, TlsError> {
+        self.replace((cert.to_vec(), key.to_vec()))
+    }
+
+    fn replace(&self, source: (Vec<u8>, Vec<u8>)) -> Result<bool, TlsError> {
         if self.current.read().is_ok_and(|loaded| loaded.source == source) {
             return Ok(false);
         }
@@ -63,6 +72,12 @@ impl ReloadingCertificate {
             *loaded = Loaded { key, source };
         }
         Ok(true)
+    }
+
+    /// Reads the files again. `Ok(true)` when a new pair is now served, `Ok(false)` when they are
+    /// unchanged, `Err` when they changed but do not load (the previous pair stays).
+    pub fn reload(&self) -> Result<bool, TlsError> {
+        self.replace(read_pair(&self.cert_path, &self.key_path)?)
     }
 
     /// Polls the files every `interval` for as long as the process runs.
