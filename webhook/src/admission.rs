@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 
 use std::sync::Arc;
 
+use crate::denial::Denial;
 use crate::inject::{inject, service_account_name, Inputs, Outcome, ServiceAccountChange};
 use crate::live::LiveCluster;
 use crate::Webhook;
@@ -106,19 +107,7 @@ pub async fn review(webhook: &Webhook, body: &[u8]) -> Result<(Value, Summary), 
     }
     let namespace = namespace_of(&request, &pod);
 
-    if let (Some(live), true) = (&webhook.live, is_labelled(&pod)) {
-        if let Some(spec) = &pod.spec {
-            live.ensure_service_account(&namespace, &service_account_name(spec)).await;
-        }
-    }
-    let policies = webhook.policies.current();
-    let inputs = Inputs {
-        namespace: &namespace,
-        sidecar: &webhook.sidecar,
-        policies: &policies,
-        cluster: webhook.cluster.as_ref(),
-    };
-    let response = match inject(&pod, &inputs) {
+    let response = match decide(webhook, &namespace, &pod).await {
         Ok(Outcome::NotRequested) => {
             summary.reason = "not_labelled";
             response
@@ -218,19 +207,7 @@ pub async fn validate(webhook: &Webhook, body: &[u8]) -> Result<(Value, Summary)
         .clone()
         .or_else(|| object.as_ref().and_then(|o| o["metadata"]["namespace"].as_str().map(str::to_owned)))
         .unwrap_or_else(|| "default".to_owned());
-    if let (Some(live), true) = (&webhook.live, is_labelled(&pod)) {
-        if let Some(spec) = &pod.spec {
-            live.ensure_service_account(&namespace, &service_account_name(spec)).await;
-        }
-    }
-    let policies = webhook.policies.current();
-    let inputs = Inputs {
-        namespace: &namespace,
-        sidecar: &webhook.sidecar,
-        policies: &policies,
-        cluster: webhook.cluster.as_ref(),
-    };
-    let response = match inject(&pod, &inputs) {
+    let response = match decide(webhook, &namespace, &pod).await {
         Ok(Outcome::Injected(injection)) => {
             summary.result = "allowed";
             let mut response = response;
@@ -261,6 +238,20 @@ pub async fn validate(webhook: &Webhook, body: &[u8]) -> Result<(Value, Summary)
 fn record_denial(live: &Arc<LiveCluster>, namespace: &str, pod: &Pod, message: &str) {
     let (live, namespace, pod, message) = (live.clone(), namespace.to_owned(), pod.clone(), message.to_owned());
     tokio::spawn(async move { live.record_denial(&namespace, &pod, &message).await });
+}
+
+/// Runs the injection core for `pod` in `namespace`, after making sure (in a cluster) that its
+/// ServiceAccount is known.
+async fn decide(webhook: &Webhook, namespace: &str, pod: &Pod) -> Result<Outcome, Denial> {
+    if let (Some(live), true) = (&webhook.live, is_labelled(pod)) {
+        if let Some(spec) = &pod.spec {
+            live.ensure_service_account(namespace, &service_account_name(spec)).await;
+        }
+    }
+    let policies = webhook.policies.current();
+    let inputs =
+        Inputs { namespace, sidecar: &webhook.sidecar, policies: &policies, cluster: webhook.cluster.as_ref() };
+    inject(pod, &inputs)
 }
 
 fn namespace_of(request: &AdmissionRequest<DynamicObject>, pod: &Pod) -> String {

@@ -1,18 +1,16 @@
 //! Self-signed mode against a mocked Kubernetes API: create-if-absent, losing the create race,
 //! keeping a valid pair, renewing a due one, and the caBundle patches.
 
+mod support;
+
 use std::time::{Duration, SystemTime};
 
 use base64::Engine;
-use http::{Method, Request, Response, StatusCode};
-use kube::client::Body;
-use kube::Client;
+use http::{Method, StatusCode};
 use serde_json::{json, Value};
-use tower_test::mock::{self, Handle, SendResponse};
+use support::api::{body_json, client, next, no_more_calls, reply};
 use wiproxy_webhook::certs::{due, ensure, publish_ca, SelfSigned};
 use wiproxy_webhook::tls::ReloadingCertificate;
-
-type ApiHandle = Handle<Request<Body>, Response<Body>>;
 
 const SECRET_PATH: &str = "/api/v1/namespaces/wiproxy-system/secrets/wiproxy-tls";
 
@@ -26,33 +24,8 @@ fn config() -> SelfSigned {
     }
 }
 
-fn api() -> (Client, ApiHandle) {
-    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
-    (Client::new(service, "default"), handle)
-}
-
-async fn next(handle: &mut ApiHandle) -> (Request<Body>, SendResponse<Response<Body>>) {
-    tokio::time::timeout(Duration::from_secs(5), handle.next_request()).await.expect("a call in time").expect("alive")
-}
-
-async fn no_more_calls(handle: &mut ApiHandle) {
-    if let Ok(Some((request, _))) = tokio::time::timeout(Duration::from_millis(300), handle.next_request()).await {
-        panic!("unexpected API call {} {}", request.method(), request.uri());
-    }
-}
-
-fn reply(send: SendResponse<Response<Body>>, status: StatusCode, body: Value) {
-    send.send_response(
-        Response::builder().status(status).body(Body::from(body.to_string().into_bytes())).expect("response"),
-    );
-}
-
 fn status(code: u16, reason: &str) -> Value {
     json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason, "code": code, "message": reason})
-}
-
-async fn body_json(request: Request<Body>) -> Value {
-    serde_json::from_slice(&request.into_body().collect_bytes().await.expect("body")).expect("JSON")
 }
 
 fn b64(text: &str) -> String {
@@ -71,7 +44,7 @@ fn secret_json(pair: &wiproxy_webhook::certs::Pair, version: &str) -> Value {
 
 #[tokio::test]
 async fn creates_the_secret_when_absent() {
-    let (client, mut handle) = api();
+    let (client, mut handle) = client();
     let calls = tokio::spawn(async move {
         let (request, send) = next(&mut handle).await;
         assert_eq!((request.method(), request.uri().path()), (&Method::GET, SECRET_PATH));
@@ -101,7 +74,7 @@ async fn creates_the_secret_when_absent() {
 async fn a_replica_that_loses_the_create_race_serves_the_winners_pair() {
     let winner = config().generate(SystemTime::now()).expect("pair");
     let winner_json = secret_json(&winner, "7");
-    let (client, mut handle) = api();
+    let (client, mut handle) = client();
     let calls = tokio::spawn(async move {
         let (_, send) = next(&mut handle).await;
         reply(send, StatusCode::NOT_FOUND, status(404, "NotFound"));
@@ -123,7 +96,7 @@ async fn a_valid_pair_is_kept_and_a_due_one_replaced() {
     let now = SystemTime::now();
     let current = config().generate(now).expect("pair");
     let current_json = secret_json(&current, "11");
-    let (client, mut handle) = api();
+    let (client, mut handle) = client();
     let calls = tokio::spawn(async move {
         let (_, send) = next(&mut handle).await;
         reply(send, StatusCode::OK, current_json.clone());
@@ -152,7 +125,7 @@ async fn a_valid_pair_is_kept_and_a_due_one_replaced() {
 #[tokio::test]
 async fn the_ca_goes_into_both_webhook_configurations_once() {
     let ca = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
-    let (client, mut handle) = api();
+    let (client, mut handle) = client();
     let configuration = |kind: &str, bundle: Option<String>| {
         let mut webhook = json!({
             "name": "inject.wiproxy.io", "admissionReviewVersions": ["v1"], "sideEffects": "None",

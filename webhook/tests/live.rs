@@ -4,25 +4,20 @@
 mod support;
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, StatusCode};
 use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
 use kube::api::{Api, ObjectMeta, PartialObjectMeta};
-use kube::client::Body;
 use kube::runtime::reflector::{self, store::Writer};
 use kube::runtime::watcher;
-use kube::Client;
 use serde_json::{json, Value};
-use tower_test::mock::{self, Handle, SendResponse};
+use support::api::{body_json, next, no_more_calls, reply, ApiHandle};
 use wiproxy_webhook::admission::review;
 use wiproxy_webhook::inject::SidecarSettings;
 use wiproxy_webhook::live::{supports_native_sidecars, LiveCluster};
 use wiproxy_webhook::policy::{PolicySet, TokenProxyPolicy};
 use wiproxy_webhook::policy_status::{write_status, Policies};
 use wiproxy_webhook::{yaml, Webhook};
-
-type ApiHandle = Handle<Request<Body>, Response<Body>>;
 
 const SA_PATH: &str = "/api/v1/namespaces/payments/serviceaccounts/orders-client";
 const GSA: &str = "invoker@client-project.iam.gserviceaccount.com";
@@ -38,8 +33,7 @@ fn meta<K>(name: &str, namespace: Option<&str>, labels: Value, annotations: Valu
 /// A webhook in cluster mode over a mocked API. The namespace `payments` (team=payments) is in
 /// its store; `service_account` is put in the store when given.
 fn webhook(service_account: Option<PartialObjectMeta<ServiceAccount>>) -> (Webhook, ApiHandle) {
-    let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
-    let client = Client::new(service, "default");
+    let (client, handle) = support::api::client();
     let (namespaces, mut namespace_writer): (_, Writer<PartialObjectMeta<Namespace>>) = reflector::store();
     namespace_writer.apply_watcher_event(&watcher::Event::Apply(meta(
         "payments",
@@ -62,35 +56,11 @@ fn webhook(service_account: Option<PartialObjectMeta<ServiceAccount>>) -> (Webho
     (webhook, handle)
 }
 
-async fn next(handle: &mut ApiHandle) -> (Request<Body>, SendResponse<Response<Body>>) {
-    tokio::time::timeout(Duration::from_secs(5), handle.next_request())
-        .await
-        .expect("an API call in time")
-        .expect("the client is alive")
-}
-
-async fn no_more_calls(handle: &mut ApiHandle) {
-    if let Ok(Some((request, _))) = tokio::time::timeout(Duration::from_millis(300), handle.next_request()).await {
-        panic!("unexpected API call {} {}", request.method(), request.uri());
-    }
-}
-
-fn reply(send: SendResponse<Response<Body>>, status: StatusCode, body: Value) {
-    send.send_response(
-        Response::builder().status(status).body(Body::from(body.to_string().into_bytes())).expect("response"),
-    );
-}
-
 fn sa_metadata(annotations: Value) -> Value {
     json!({
         "apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
         "metadata": {"name": "orders-client", "namespace": "payments", "annotations": annotations},
     })
-}
-
-async fn body_json(request: Request<Body>) -> Value {
-    let bytes = request.into_body().collect_bytes().await.expect("body");
-    serde_json::from_slice(&bytes).expect("JSON body")
 }
 
 #[tokio::test]
@@ -239,8 +209,8 @@ fn policy(name: &str, spec: Value, status: Value) -> TokenProxyPolicy {
 
 #[tokio::test]
 async fn policy_status_is_written_when_it_changes() {
-    let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
-    let api: Api<TokenProxyPolicy> = Api::all(Client::new(service, "default"));
+    let (client, mut handle) = support::api::client();
+    let api: Api<TokenProxyPolicy> = Api::all(client);
     let invalid = policy("bad", json!({"namespaceSelector": {}, "upstreams": ["http://x/"]}), json!({}));
     let verdict = wiproxy_webhook::policy_status::evaluate(&[Arc::new(invalid.clone())], true).1.remove(0).1;
     assert!(verdict.is_err());
@@ -285,8 +255,7 @@ async fn policy_status_is_written_when_it_changes() {
 #[tokio::test]
 async fn the_version_probe_decides_native_sidecars() {
     for (minor, native) in [("28", false), ("29", true), ("31+", true)] {
-        let (service, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
-        let client = Client::new(service, "default");
+        let (client, mut handle) = support::api::client();
         let api = tokio::spawn(async move {
             let (request, send) = next(&mut handle).await;
             assert_eq!((request.method(), request.uri().path()), (&Method::GET, "/version"));

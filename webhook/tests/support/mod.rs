@@ -1,6 +1,8 @@
 //! Shared helpers of the webhook's integration tests.
 #![allow(dead_code)]
 
+pub mod api;
+
 use std::path::Path;
 use std::sync::Arc;
 
