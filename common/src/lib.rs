@@ -1,6 +1,7 @@
 //! The contract shared by the wiproxy webhook and the sidecar: pod labels and annotations, the
 //! environment the webhook hands the sidecar, and the upstream grammar both of them parse.
 
+pub mod serve;
 mod upstream;
 
 pub use upstream::{parse_upstreams, TokenHeader, Upstream, UpstreamError};

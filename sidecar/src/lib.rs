@@ -18,12 +18,9 @@ use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tracing::{debug, info, warn};
+use tracing::info;
 
 use crate::admin::Admin;
 use crate::cache::{TokenCache, TokenSource};
@@ -97,46 +94,22 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
     Ok(())
 }
 
-/// Serves HTTP/1.1 (with upgrades) and h2c on `listener`; on shutdown, lets open requests finish
-/// for up to 10 s.
-pub async fn serve<F, Fut>(listener: TcpListener, mut shutdown: watch::Receiver<bool>, handler: F)
+/// Serves HTTP/1.1 (with upgrades) and h2c on `listener` with `handler`; on shutdown, lets open
+/// requests finish for up to 10 s.
+pub async fn serve<F, Fut>(listener: TcpListener, shutdown: watch::Receiver<bool>, handler: F)
 where
     F: Fn(hyper::Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = hyper::Response<Body>> + Send + 'static,
 {
-    let graceful = GracefulShutdown::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = async { drop(shutdown.wait_for(|stop| *stop).await) } => break,
-        };
-        let _ = stream.set_nodelay(true);
+    let open = |stream| async move { Some(stream) };
+    let service = move || {
         let handler = handler.clone();
-        let service = service_fn(move |request| {
+        service_fn(move |request| {
             let handler = handler.clone();
             async move { Ok::<_, std::convert::Infallible>(handler(request).await) }
-        });
-        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
-        let watched = graceful.watch(connection);
-        tokio::spawn(async move {
-            if let Err(e) = watched.await {
-                debug!(%peer, error = %e, "connection ended with an error");
-            }
-        });
-    }
-    drop(listener);
-    tokio::select! {
-        _ = graceful.shutdown() => {}
-        _ = tokio::time::sleep(Duration::from_secs(10)) => warn!("open connections closed after 10 s"),
-    }
+        })
+    };
+    wiproxy_common::serve::serve(listener, shutdown, Duration::from_secs(10), open, service).await;
 }
 
 /// `wiproxy token`: one fetch through the configured credentials, no cache.

@@ -61,7 +61,7 @@ fn main() -> ExitCode {
         None | Some(Command::Proxy) => {
             let (stop, stopped) = watch::channel(false);
             runtime.spawn(async move {
-                shutdown_signal().await;
+                wiproxy_common::serve::shutdown_signal().await;
                 tracing::info!("shutting down");
                 let _ = stop.send(true);
             });
@@ -85,20 +85,5 @@ fn init_logging(filter: &str, format: LogFormat) {
     match format {
         LogFormat::Json => registry.with(fmt.json().flatten_event(true)).init(),
         LogFormat::Text => registry.with(fmt).init(),
-    }
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = ctrl_c => {},
-                _ = term.recv() => {},
-            }
-        }
-        Err(_) => {
-            let _ = ctrl_c.await;
-        }
     }
 }

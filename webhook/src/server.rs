@@ -10,15 +10,12 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
-use tracing::{debug, info, info_span, warn, Instrument};
+use tracing::{debug, info, info_span, warn};
 
 use crate::admission::{review, validate, ReviewError};
 use crate::inject::ServiceAccountChange;
@@ -166,48 +163,28 @@ pub async fn serve_tls(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     app: Router,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     drain: Duration,
 ) {
     let acceptor = TlsAcceptor::from(tls);
-    let graceful = GracefulShutdown::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
+    let open = move |stream| {
+        let accepting = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+        async move {
+            match accepting.await {
+                Ok(Ok(stream)) => Some(stream),
+                Ok(Err(e)) => {
+                    debug!(error = %e, "TLS handshake failed");
+                    None
                 }
-            },
-            _ = async { drop(shutdown.wait_for(|stop| *stop).await) } => break,
-        };
-        let acceptor = acceptor.clone();
-        let service = TowerToHyperService::new(app.clone());
-        let builder = builder.clone();
-        let watcher = graceful.watcher();
-        tokio::spawn(
-            async move {
-                let stream = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                    Ok(Ok(stream)) => stream,
-                    Ok(Err(e)) => return debug!(error = %e, "TLS handshake failed"),
-                    Err(_) => return debug!("TLS handshake timed out"),
-                };
-                let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
-                if let Err(e) = watcher.watch(connection).await {
-                    debug!(error = %e, "connection ended with an error");
+                Err(_) => {
+                    debug!("TLS handshake timed out");
+                    None
                 }
             }
-            .instrument(tracing::debug_span!("connection", %peer)),
-        );
-    }
-    drop(listener);
-    tokio::select! {
-        _ = graceful.shutdown() => info!("drained"),
-        _ = tokio::time::sleep(drain) => warn!(seconds = drain.as_secs(), "drain timed out; closing open connections"),
-    }
+        }
+    };
+    let service = move || TowerToHyperService::new(app.clone());
+    wiproxy_common::serve::serve(listener, shutdown, drain, open, service).await;
 }
 
 /// Everything `serve` needs, already checked.
@@ -264,7 +241,7 @@ pub async fn run(config: ServeConfig, synced: Option<Synced>) -> anyhow::Result<
     let (stop, stopped) = watch::channel(false);
     let draining = state.draining.clone();
     tokio::spawn(async move {
-        shutdown_signal().await;
+        wiproxy_common::serve::shutdown_signal().await;
         info!("shutting down: draining in-flight reviews");
         draining.store(true, Ordering::Relaxed);
         let _ = stop.send(true);
@@ -281,26 +258,4 @@ pub async fn run(config: ServeConfig, synced: Option<Synced>) -> anyhow::Result<
     serve_tls(listener, tls, router(state), stopped, config.drain_timeout).await;
     admin_task.await??;
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = ctrl_c => {},
-                    _ = term.recv() => {},
-                }
-            }
-            Err(_) => {
-                let _ = ctrl_c.await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
-    }
 }
