@@ -39,7 +39,6 @@ struct Slot {
 struct State {
     token: Option<Token>,
     error: Option<String>,
-    config_error: bool,
 }
 
 impl Slot {
@@ -199,7 +198,6 @@ async fn refresh(slot: Arc<Slot>, source: Arc<dyn TokenSource>, expected_email: 
                 slot.update(|state| {
                     state.token = Some(token);
                     state.error = None;
-                    state.config_error = false;
                 });
                 delay
             }
@@ -215,7 +213,6 @@ async fn refresh(slot: Arc<Slot>, source: Arc<dyn TokenSource>, expected_email: 
                 }
                 slot.update(|state| {
                     state.error = Some(error.to_string());
-                    state.config_error = config_error;
                     // A wrong identity is never served, however fresh the token.
                     if matches!(error, FetchError::Invalid(_)) {
                         state.token = None;

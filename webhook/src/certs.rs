@@ -180,26 +180,37 @@ pub async fn ensure(client: &Client, config: &SelfSigned, now: SystemTime) -> Re
 /// Puts `ca_pem` into the `caBundle` of every webhook of the configured configurations, with
 /// one JSON patch per configuration that needs it.
 pub async fn publish_ca(client: &Client, config: &SelfSigned, ca_pem: &str) -> Result<(), CertError> {
-    let bundle = base64::engine::general_purpose::STANDARD.encode(ca_pem);
     for name in &config.webhook_configurations {
         let mutating: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
-        if let Some(current) = mutating.get_opt(name).await? {
-            let bundles: Vec<_> =
-                current.webhooks.iter().flatten().map(|w| w.client_config.ca_bundle.clone()).collect();
-            if let Some(patch) = ca_patch(&bundles, ca_pem, &bundle) {
-                mutating.patch(name, &PatchParams::apply(MANAGER), &Patch::<()>::Json(patch)).await?;
-                info!(configuration = %name, kind = "MutatingWebhookConfiguration", "caBundle updated");
-            }
-        }
+        update_ca_bundles(&mutating, name, ca_pem, |c| {
+            c.webhooks.iter().flatten().map(|w| w.client_config.ca_bundle.clone()).collect()
+        })
+        .await?;
         let validating: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
-        if let Some(current) = validating.get_opt(name).await? {
-            let bundles: Vec<_> =
-                current.webhooks.iter().flatten().map(|w| w.client_config.ca_bundle.clone()).collect();
-            if let Some(patch) = ca_patch(&bundles, ca_pem, &bundle) {
-                validating.patch(name, &PatchParams::apply(MANAGER), &Patch::<()>::Json(patch)).await?;
-                info!(configuration = %name, kind = "ValidatingWebhookConfiguration", "caBundle updated");
-            }
-        }
+        update_ca_bundles(&validating, name, ca_pem, |c| {
+            c.webhooks.iter().flatten().map(|w| w.client_config.ca_bundle.clone()).collect()
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+/// Reads configuration `name` (absent: nothing to do) and patches the webhooks whose `caBundle`
+/// differs from `ca_pem`.
+async fn update_ca_bundles<K>(
+    api: &Api<K>,
+    name: &str,
+    ca_pem: &str,
+    bundles: impl Fn(&K) -> Vec<Option<ByteString>>,
+) -> Result<(), CertError>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let Some(current) = api.get_opt(name).await? else { return Ok(()) };
+    let encoded = base64::engine::general_purpose::STANDARD.encode(ca_pem);
+    if let Some(patch) = ca_patch(&bundles(&current), ca_pem, &encoded) {
+        api.patch(name, &PatchParams::apply(MANAGER), &Patch::<()>::Json(patch)).await?;
+        info!(configuration = %name, kind = %K::kind(&()), "caBundle updated");
     }
     Ok(())
 }
