@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
+use wiproxy_common::logging::LogFormat;
 use wiproxy_common::{parse_upstreams, TokenHeader, Upstream, UpstreamError};
 
 use crate::credentials::{Credentials, CredentialsError};
@@ -41,12 +42,6 @@ pub struct TokenArgs {
     /// Use the audience of this configured upstream.
     #[arg(long)]
     pub upstream: Option<String>,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Json,
-    Text,
 }
 
 #[derive(Debug, Args)]

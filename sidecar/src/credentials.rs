@@ -13,8 +13,10 @@ use ring::signature::{RsaKeyPair, RSA_PKCS1_SHA256};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::http::{BoxError, Clients};
-use crate::token::{Token, TokenError};
+use crate::body::BoxError;
+use crate::http::Clients;
+use crate::source::FetchError;
+use crate::token::Token;
 
 const DEFAULT_METADATA_HOST: &str = "169.254.169.254";
 const IAM_CREDENTIALS: &str = "https://iamcredentials.googleapis.com";
@@ -53,38 +55,6 @@ pub enum CredentialsError {
     ReadKey { path: String, error: std::io::Error },
     #[error("WIPROXY_CREDENTIALS: key file {path} is not a service-account key ({why}): download a JSON key of type service_account")]
     BadKey { path: String, why: String },
-}
-
-/// Why a fetch failed. `Config` errors are the caller's to fix and are shown in `/readyz`;
-/// `Transient` ones are retried with backoff.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum FetchError {
-    #[error("{0}")]
-    Transient(String),
-    #[error("{source_name} answered {status}: {message}")]
-    Config { source_name: &'static str, status: u16, message: String },
-    #[error("{0}")]
-    Invalid(String),
-}
-
-impl FetchError {
-    pub fn is_config(&self) -> bool {
-        matches!(self, Self::Config { .. } | Self::Invalid(_))
-    }
-
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Self::Transient(_) => "transient",
-            Self::Config { .. } => "config",
-            Self::Invalid(_) => "invalid",
-        }
-    }
-}
-
-impl From<TokenError> for FetchError {
-    fn from(e: TokenError) -> Self {
-        Self::Invalid(e.to_string())
-    }
 }
 
 impl Credentials {
@@ -240,7 +210,12 @@ async fn send(
     let request = request.map(|body| body.map_err(|never| -> BoxError { match never {} }).boxed());
     let response = match tokio::time::timeout(FETCH_TIMEOUT, clients.any.request(request)).await {
         Err(_) => return Err(FetchError::Transient(format!("{source_name} did not answer within {FETCH_TIMEOUT:?}"))),
-        Ok(Err(e)) => return Err(FetchError::Transient(format!("cannot reach {source_name}: {}", error_chain(&e)))),
+        Ok(Err(e)) => {
+            return Err(FetchError::Transient(format!(
+                "cannot reach {source_name}: {}",
+                wiproxy_common::error_chain(&e)
+            )))
+        }
         Ok(Ok(response)) => response,
     };
     let status = response.status();
@@ -278,17 +253,6 @@ fn server_message(body: &[u8]) -> String {
         message = "(no message)".to_owned();
     }
     message
-}
-
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use wiproxy_common::{
     SIDECAR_CONTAINER, SKIP_CONTAINERS_ANNOTATION, STATUS_ANNOTATION, TOKEN_HEADER_ANNOTATION, UPSTREAMS_ANNOTATION,
 };
 
-use crate::cluster::{ClusterView, KsaLookup};
+use crate::cluster::{ClusterState, KsaLookup};
 use crate::denial::Denial;
 use crate::policy::{PolicySet, Refusal};
 
@@ -53,7 +53,7 @@ pub struct Inputs<'a> {
     pub namespace: &'a str,
     pub sidecar: &'a SidecarSettings,
     pub policies: &'a PolicySet,
-    pub cluster: &'a dyn ClusterView,
+    pub cluster: &'a dyn ClusterState,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -155,7 +155,7 @@ pub fn inject(pod: &Pod, inputs: &Inputs) -> Result<Outcome, Denial> {
         return Err(Denial::DefaultKsa { namespace: namespace.to_owned() });
     }
 
-    let verdict = inputs.policies.evaluate(&selecting, &gsa, &settings.upstreams).map_err(|refusal| match refusal {
+    let allowance = inputs.policies.allow(&selecting, &gsa, &settings.upstreams).map_err(|refusal| match refusal {
         Refusal::NoPolicy => Denial::NoPolicy { namespace: namespace.to_owned() },
         Refusal::ServiceAccount { policies } => {
             Denial::ServiceAccountNotAllowed { gsa: gsa.clone(), namespace: namespace.to_owned(), policies }
@@ -169,12 +169,12 @@ pub fn inject(pod: &Pod, inputs: &Inputs) -> Result<Outcome, Denial> {
     let mut warnings = upstream_warnings(&settings.upstreams);
     let service_account = match ksa_lookup {
         KsaLookup::Mapped(_) => ServiceAccountChange::None,
-        _ if verdict.manage_service_accounts => ServiceAccountChange::Annotate { name: ksa, gsa: gsa.clone() },
+        _ if allowance.manage_service_accounts => ServiceAccountChange::Annotate { name: ksa, gsa: gsa.clone() },
         _ => {
             warnings.push(format!(
                 "ServiceAccount {namespace}/{ksa} has no {} annotation and policy {} does not manage ServiceAccounts: the sidecar stays unready until it maps to {gsa}",
                 wiproxy_common::GKE_SERVICE_ACCOUNT_ANNOTATION,
-                verdict.policy.as_deref().unwrap_or("-"),
+                allowance.policy.as_deref().unwrap_or("-"),
             ));
             ServiceAccountChange::None
         }
@@ -189,7 +189,7 @@ pub fn inject(pod: &Pod, inputs: &Inputs) -> Result<Outcome, Denial> {
         Value::String(status(&settings, &gsa, inputs.sidecar)),
     ));
 
-    Ok(Outcome::Injected(Injection { patch: Patch(patch), warnings, service_account, gsa, policy: verdict.policy }))
+    Ok(Outcome::Injected(Injection { patch: Patch(patch), warnings, service_account, gsa, policy: allowance.policy }))
 }
 
 /// The pod's Kubernetes ServiceAccount: `serviceAccountName`, the deprecated `serviceAccount`, or `default`.
