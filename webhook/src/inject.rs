@@ -593,7 +593,7 @@ mod tests {
         let (open, empty) = (open_policy(), StaticCluster::default());
         let no_pod_gsa = json!({"metadata": {"annotations": {SERVICE_ACCOUNT_ANNOTATION: null}}});
         let other_pod_gsa = json!({"metadata": {"annotations": {SERVICE_ACCOUNT_ANNOTATION: OTHER_GSA}}});
-        let cases: Vec<(&str, Value, &PolicySet, &StaticCluster, Result<&str, &str>)> = vec![
+        let cases = vec![
             ("pod annotation", json!({}), &with_default, &empty, Ok(GSA)),
             ("KSA mapping", no_pod_gsa.clone(), &with_default, &mapped, Ok(GSA)),
             ("policy default", no_pod_gsa.clone(), &with_default, &empty, Ok(OTHER_GSA)),
@@ -621,7 +621,7 @@ mod tests {
         let both = PolicySet::new(vec![strict.clone(), lenient.clone()], true);
         let run_app = json!({"metadata": {"annotations": {UPSTREAMS_ANNOTATION: "api=https://api-xyz.a.run.app/"}}});
         let mixed = json!({"metadata": {"annotations": {UPSTREAMS_ANNOTATION: format!("api=https://api-xyz.a.run.app/,orders={FUNCTION}")}}});
-        let cases: Vec<(&str, Value, PolicySet, Result<Option<&str>, &str>)> = vec![
+        let cases = vec![
             ("no policy", json!({}), PolicySet::new(vec![], true), Err("no_policy")),
             ("no policy, none required", json!({}), PolicySet::new(vec![], false), Ok(None)),
             (

@@ -7,7 +7,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube_core::admission::{AdmissionRequest, Operation};
 use kube_core::DynamicObject;
 
-use crate::cluster::{ClusterState, EffectFailed};
+use crate::cluster::{ClusterState, Effect, EffectFailed};
 use crate::denial::Denial;
 use crate::inject::{inject, service_account_name, Inputs, Outcome, ServiceAccountChange, SidecarSettings};
 use crate::policy::PolicySet;
@@ -150,15 +150,6 @@ pub enum Answer {
         warnings: Vec<String>,
     },
     Deny(Denial),
-}
-
-/// A change in the cluster that a decision asks for; the cluster applies it.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Effect {
-    /// Add `iam.gke.io/gcp-service-account: gsa` to ServiceAccount `namespace/name`.
-    AnnotateServiceAccount { namespace: String, name: String, gsa: String },
-    /// A Warning Event on the workload that owns the denied pod, so `kubectl describe` shows why.
-    RecordDenial { namespace: String, owners: Vec<OwnerReference>, message: String },
 }
 
 /// A review, decided.

@@ -8,9 +8,8 @@ pub mod live;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use tracing::info;
-
-use crate::review::Effect;
 
 pub use files::StaticCluster;
 pub use live::LiveCluster;
@@ -34,6 +33,15 @@ pub trait ClusterState: Send + Sync {
     /// The namespace's labels, `kubernetes.io/metadata.name` always among them.
     fn namespace_labels(&self, namespace: &str) -> BTreeMap<String, String>;
     fn service_account(&self, namespace: &str, name: &str) -> KsaLookup;
+}
+
+/// A change in the cluster that a decision asks for; the cluster applies it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    /// Add `iam.gke.io/gcp-service-account: gsa` to ServiceAccount `namespace/name`.
+    AnnotateServiceAccount { namespace: String, name: String, gsa: String },
+    /// A Warning Event on the workload that owns the denied pod, so `kubectl describe` shows why.
+    RecordDenial { namespace: String, owners: Vec<OwnerReference>, message: String },
 }
 
 /// An effect that could not be applied; the review is then denied with it.
