@@ -61,7 +61,7 @@ pub struct Settings {
     /// Google service account every token must be for (its `email` claim).
     #[arg(long, global = true, env = "WIPROXY_EXPECTED_SERVICE_ACCOUNT")]
     pub expected_service_account: Option<String>,
-    /// Where tokens come from: metadata, key-file:PATH or impersonate:GSA.
+    /// Where tokens come from: metadata, key-file:PATH, impersonate:GSA or external-account:PATH.
     #[arg(long, global = true, env = "WIPROXY_CREDENTIALS", default_value = "metadata")]
     pub credentials: String,
     /// Metadata server address (host[:port]).
