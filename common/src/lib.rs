@@ -23,6 +23,9 @@ pub const SKIP_CONTAINERS_ANNOTATION: &str = "wiproxy.io/skip-containers";
 pub const NATIVE_SIDECAR_ANNOTATION: &str = "wiproxy.io/native-sidecar";
 /// Pod annotation written by the webhook; its presence marks an injected pod.
 pub const STATUS_ANNOTATION: &str = "wiproxy.io/status";
+/// Pod annotation written by the webhook off GKE: the sidecar's `external_account` credential
+/// configuration, mounted into the sidecar alone through the downward API.
+pub const CREDENTIAL_CONFIGURATION_ANNOTATION: &str = "wiproxy.io/credential-configuration";
 /// ServiceAccount annotation through which GKE Workload Identity maps a KSA to a GSA.
 pub const GKE_SERVICE_ACCOUNT_ANNOTATION: &str = "iam.gke.io/gcp-service-account";
 /// Node label of GKE node pools that run the metadata server Workload Identity needs.
@@ -43,6 +46,7 @@ pub mod env {
     pub const TOKEN_HEADER: &str = "WIPROXY_TOKEN_HEADER";
     pub const EXPECTED_SERVICE_ACCOUNT: &str = "WIPROXY_EXPECTED_SERVICE_ACCOUNT";
     pub const LOG_FORMAT: &str = "WIPROXY_LOG_FORMAT";
+    pub const CREDENTIALS: &str = "WIPROXY_CREDENTIALS";
     /// Base URL of the proxy, given to app containers.
     pub const URL: &str = "WIPROXY_URL";
 

@@ -10,7 +10,7 @@ use serde_json::Value;
 use wiproxy_common::logging::LogFormat;
 
 use crate::certs::SelfSigned;
-use crate::inject::SidecarSettings;
+use crate::inject::{Federation, SidecarSettings};
 use crate::render::{RenderError, RenderJob, RenderOptions};
 use crate::yaml;
 
@@ -66,6 +66,11 @@ pub struct SharedArgs {
     /// Image of the injected sidecar.
     #[arg(long, env = "WIPROXY_WEBHOOK_SIDECAR_IMAGE", value_name = "IMAGE", default_value_t = SidecarSettings::default_image())]
     pub sidecar_image: String,
+    /// Workload Identity Federation for clusters outside GKE: the provider that trusts this
+    /// cluster's ServiceAccount issuer, projects/NUMBER/locations/global/workloadIdentityPools/POOL/providers/PROVIDER.
+    /// Injected sidecars then exchange a projected token instead of asking the GKE metadata server.
+    #[arg(long, env = "WIPROXY_WEBHOOK_WORKLOAD_IDENTITY_PROVIDER", value_name = "PROVIDER")]
+    pub workload_identity_provider: Option<String>,
     /// Container resources of the sidecar, as JSON (the chart passes `sidecar.resources`).
     #[arg(long, env = "WIPROXY_WEBHOOK_SIDECAR_RESOURCES", value_name = "JSON", default_value_t = SidecarSettings::default_resources().to_string())]
     pub sidecar_resources: String,
@@ -92,7 +97,13 @@ impl SharedArgs {
         if self.sidecar_image.trim().is_empty() {
             return Err("--sidecar-image is empty: give the sidecar image reference".to_owned());
         }
-        Ok(SidecarSettings { image: self.sidecar_image.clone(), native, resources })
+        let federation = self
+            .workload_identity_provider
+            .as_deref()
+            .filter(|p| !p.trim().is_empty())
+            .map(Federation::new)
+            .transpose()?;
+        Ok(SidecarSettings { image: self.sidecar_image.clone(), native, resources, federation })
     }
 }
 

@@ -55,6 +55,8 @@ pub enum Denial {
     NoSinglePolicy { gsa: String, policies: Vec<String> },
     #[error("a container named {SIDECAR_CONTAINER:?} exists but the pod carries no wiproxy.io/status: rename that container")]
     ContainerNameTaken,
+    #[error("spec.volumes already has a volume named {volume:?}, which the sidecar needs for Workload Identity Federation: rename that volume")]
+    VolumeNameTaken { volume: &'static str },
     /// The review's object (or the workload's pod template) cannot be read as a Pod.
     #[error("{0}")]
     Malformed(String),
@@ -85,6 +87,7 @@ impl Denial {
             Self::ServiceAccountNotAllowed { .. } => "service_account_not_allowed",
             Self::UpstreamNotAllowed { .. } | Self::NoSinglePolicy { .. } => "upstream_not_allowed",
             Self::ContainerNameTaken => "container_name_taken",
+            Self::VolumeNameTaken { .. } => "volume_name_taken",
             Self::Malformed(_) => "malformed_pod",
             Self::ServiceAccountPatch { .. } => "service_account_patch",
             Self::PatchEncoding(_) => "internal",

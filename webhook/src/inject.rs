@@ -9,9 +9,10 @@ use k8s_openapi::api::core::v1::{Container, Pod, PodSpec};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use wiproxy_common::{
-    env, is_service_account_email, parse_upstreams, TokenHeader, Upstream, ADMIN_PORT, DEFAULT_PORT,
-    GKE_METADATA_NODE_LABEL, INJECT_LABEL, NATIVE_SIDECAR_ANNOTATION, PORT_ANNOTATION, SERVICE_ACCOUNT_ANNOTATION,
-    SIDECAR_CONTAINER, SKIP_CONTAINERS_ANNOTATION, STATUS_ANNOTATION, TOKEN_HEADER_ANNOTATION, UPSTREAMS_ANNOTATION,
+    env, is_service_account_email, parse_upstreams, TokenHeader, Upstream, ADMIN_PORT,
+    CREDENTIAL_CONFIGURATION_ANNOTATION, DEFAULT_PORT, GKE_METADATA_NODE_LABEL, INJECT_LABEL,
+    NATIVE_SIDECAR_ANNOTATION, PORT_ANNOTATION, SERVICE_ACCOUNT_ANNOTATION, SIDECAR_CONTAINER,
+    SKIP_CONTAINERS_ANNOTATION, STATUS_ANNOTATION, TOKEN_HEADER_ANNOTATION, UPSTREAMS_ANNOTATION,
 };
 
 use crate::cluster::{ClusterState, KsaLookup};
@@ -29,6 +30,70 @@ pub struct SidecarSettings {
     pub native: bool,
     /// Container `resources`, as Kubernetes JSON.
     pub resources: Value,
+    /// Workload Identity Federation instead of GKE's Workload Identity (clusters outside GKE).
+    pub federation: Option<Federation>,
+}
+
+/// Workload Identity Federation for clusters outside GKE: the sidecar exchanges a projected
+/// ServiceAccount token of this cluster at Google's STS, then mints the GSA's ID tokens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Federation {
+    /// The provider's resource name,
+    /// `projects/NUMBER/locations/global/workloadIdentityPools/POOL/providers/PROVIDER`.
+    pub provider: String,
+}
+
+/// Where the sidecar finds the projected token and its credential configuration.
+pub const FEDERATION_VOLUME: &str = "wiproxy-federation";
+pub const FEDERATION_MOUNT: &str = "/var/run/wiproxy/federation";
+/// Lifetime asked of the projected token: the shortest Kubernetes grants (the kubelet renews it
+/// at 80 % of that; the sidecar reads it again at every exchange).
+pub const FEDERATION_TOKEN_SECONDS: u32 = 600;
+
+impl Federation {
+    /// Checks `provider` has the shape of a workload identity pool provider's resource name.
+    pub fn new(provider: &str) -> Result<Self, String> {
+        let provider = provider.trim().trim_start_matches("//iam.googleapis.com/");
+        let parts: Vec<&str> = provider.split('/').collect();
+        let shaped = matches!(
+            parts.as_slice(),
+            ["projects", number, "locations", "global", "workloadIdentityPools", pool, "providers", name]
+                if number.bytes().all(|b| b.is_ascii_digit()) && !number.is_empty() && !pool.is_empty() && !name.is_empty()
+        );
+        if !shaped {
+            return Err(format!(
+                "--workload-identity-provider {provider:?} is not projects/NUMBER/locations/global/workloadIdentityPools/POOL/providers/PROVIDER: copy the provider's name from `gcloud iam workload-identity-pools providers describe`"
+            ));
+        }
+        Ok(Self { provider: provider.to_owned() })
+    }
+
+    /// The STS audience, as `create-cred-config` writes it.
+    pub fn audience(&self) -> String {
+        format!("//iam.googleapis.com/{}", self.provider)
+    }
+
+    /// The audience of the projected ServiceAccount token: the provider's default allowed
+    /// audience for an OIDC issuer.
+    pub fn token_audience(&self) -> String {
+        format!("https://iam.googleapis.com/{}", self.provider)
+    }
+
+    /// The `external_account` configuration for `gsa`, as `gcloud iam workload-identity-pools
+    /// create-cred-config PROVIDER --service-account=GSA --credential-source-file=…
+    /// --credential-source-type=text` writes it.
+    pub fn credential_configuration(&self, gsa: &str) -> String {
+        json!({
+            "universe_domain": "googleapis.com",
+            "type": "external_account",
+            "audience": self.audience(),
+            "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
+            "token_url": "https://sts.googleapis.com/v1/token",
+            "credential_source": {"file": format!("{FEDERATION_MOUNT}/token"), "format": {"type": "text"}},
+            "service_account_impersonation_url": format!("https://iamcredentials.googleapis.com/v1/projects/-/serviceAccounts/{gsa}:generateAccessToken"),
+        })
+        .to_string()
+    }
 }
 
 impl SidecarSettings {
@@ -43,7 +108,7 @@ impl SidecarSettings {
 
 impl Default for SidecarSettings {
     fn default() -> Self {
-        Self { image: Self::default_image(), native: true, resources: Self::default_resources() }
+        Self { image: Self::default_image(), native: true, resources: Self::default_resources(), federation: None }
     }
 }
 
@@ -113,6 +178,9 @@ pub fn inject(pod: &Pod, inputs: &Inputs) -> Result<Outcome, Denial> {
     if spec.host_network == Some(true) {
         return Err(Denial::HostNetwork);
     }
+    if inputs.sidecar.federation.is_some() && spec.volumes.iter().flatten().any(|v| v.name == FEDERATION_VOLUME) {
+        return Err(Denial::VolumeNameTaken { volume: FEDERATION_VOLUME });
+    }
 
     let settings = read_settings(&annotations, inputs.sidecar.native)?;
     check_ports(spec, settings.port)?;
@@ -168,6 +236,9 @@ pub fn inject(pod: &Pod, inputs: &Inputs) -> Result<Outcome, Denial> {
 
     let mut warnings = upstream_warnings(&settings.upstreams);
     let service_account = match ksa_lookup {
+        // Off GKE the ServiceAccount's annotation means nothing to anyone: federation maps the
+        // KSA's token to the GSA through IAM bindings.
+        _ if inputs.sidecar.federation.is_some() => ServiceAccountChange::None,
         KsaLookup::Mapped(_) => ServiceAccountChange::None,
         _ if allowance.manage_service_accounts => ServiceAccountChange::Annotate { name: ksa, gsa: gsa.clone() },
         _ => {
@@ -183,7 +254,11 @@ pub fn inject(pod: &Pod, inputs: &Inputs) -> Result<Outcome, Denial> {
     let mut patch = Vec::new();
     add_app_env(spec, &settings, &mut patch, &mut warnings);
     add_sidecar(spec, &settings, &gsa, inputs.sidecar, &mut patch, &mut warnings);
-    add_node_selector(spec, &mut patch);
+    match &inputs.sidecar.federation {
+        // Off GKE there is no metadata server node label to select.
+        Some(federation) => add_federation(spec, federation, &gsa, &mut patch),
+        None => add_node_selector(spec, &mut patch),
+    }
     patch.push(add(
         ["metadata", "annotations", STATUS_ANNOTATION],
         Value::String(status(&settings, &gsa, inputs.sidecar)),
@@ -386,7 +461,43 @@ fn sidecar_container(settings: &Settings, gsa: &str, sidecar: &SidecarSettings) 
     if settings.native {
         container["restartPolicy"] = json!("Always");
     }
+    if sidecar.federation.is_some() {
+        if let Some(vars) = container["env"].as_array_mut() {
+            let credentials = format!("external-account:{FEDERATION_MOUNT}/credential-configuration.json");
+            vars.push(json!({"name": env::CREDENTIALS, "value": credentials}));
+        }
+        container["volumeMounts"] =
+            json!([{"name": FEDERATION_VOLUME, "mountPath": FEDERATION_MOUNT, "readOnly": true}]);
+    }
     container
+}
+
+/// The projected token and the credential configuration, in one volume the sidecar alone mounts:
+/// the configuration travels in a pod annotation, read through the downward API, so no object
+/// besides the pod is needed.
+fn add_federation(spec: &PodSpec, federation: &Federation, gsa: &str, patch: &mut Vec<PatchOperation>) {
+    patch.push(add(
+        ["metadata", "annotations", CREDENTIAL_CONFIGURATION_ANNOTATION],
+        Value::String(federation.credential_configuration(gsa)),
+    ));
+    let volume = json!({
+        "name": FEDERATION_VOLUME,
+        "projected": {"sources": [
+            {"serviceAccountToken": {
+                "audience": federation.token_audience(),
+                "expirationSeconds": FEDERATION_TOKEN_SECONDS,
+                "path": "token",
+            }},
+            {"downwardAPI": {"items": [{
+                "path": "credential-configuration.json",
+                "fieldRef": {"fieldPath": format!("metadata.annotations['{CREDENTIAL_CONFIGURATION_ANNOTATION}']")},
+            }]}},
+        ]},
+    });
+    match spec.volumes {
+        None => patch.push(add(["spec", "volumes"], Value::Array(vec![volume]))),
+        Some(_) => patch.push(add(["spec", "volumes", "-"], volume)),
+    }
 }
 
 fn add_node_selector(spec: &PodSpec, patch: &mut Vec<PatchOperation>) {
@@ -412,6 +523,11 @@ fn status(settings: &Settings, gsa: &str, sidecar: &SidecarSettings) -> String {
         &sidecar.image,
     ] {
         hasher.update(part.as_bytes());
+        hasher.update([0]);
+    }
+    // Hashed only when set, so the status of pods injected on GKE stays what it was.
+    if let Some(federation) = &sidecar.federation {
+        hasher.update(federation.provider.as_bytes());
         hasher.update([0]);
     }
     let digest = hasher.finalize();
@@ -776,6 +892,36 @@ mod tests {
         let value = patched(&pod, &injected(run(&pod, &open_policy(), &StaticCluster::default())));
         let again: Pod = serde_json::from_value(value).expect("the patched pod is a Pod");
         assert_eq!(run(&again, &open_policy(), &StaticCluster::default()), Ok(Outcome::AlreadyInjected));
+    }
+
+    #[test]
+    fn federation_mounts_its_volume_into_the_sidecar_alone_and_leaves_gke_settings_out() {
+        let provider = "projects/123/locations/global/workloadIdentityPools/onprem/providers/cluster";
+        let sidecar =
+            SidecarSettings { federation: Some(Federation::new(provider).expect("a provider")), ..Default::default() };
+        let mut unmapped = StaticCluster::default();
+        unmapped.set_service_account("payments", "orders", None);
+        let policies = open_policy();
+        let inputs = Inputs { namespace: "payments", sidecar: &sidecar, policies: &policies, cluster: &unmapped };
+        let pod = pod(json!({}));
+        let injection = injected(inject(&pod, &inputs));
+        assert_eq!(injection.service_account, ServiceAccountChange::None, "no KSA annotation off GKE");
+        let value = patched(&pod, &injection);
+        assert!(value["spec"]["nodeSelector"].is_null(), "no GKE node selector: {}", value["spec"]);
+        assert_eq!(value["spec"]["initContainers"][0]["volumeMounts"][0]["name"], FEDERATION_VOLUME);
+        assert!(value["spec"]["containers"][0]["volumeMounts"].is_null(), "the app never sees the token");
+        let config: Value = serde_json::from_str(
+            value["metadata"]["annotations"][CREDENTIAL_CONFIGURATION_ANNOTATION].as_str().expect("the configuration"),
+        )
+        .expect("JSON");
+        assert_eq!(config["audience"], format!("//iam.googleapis.com/{provider}"));
+        assert!(config["service_account_impersonation_url"].as_str().is_some_and(|u| u.contains(GSA)));
+
+        let taken = self::pod(json!({"spec": {"volumes": [{"name": FEDERATION_VOLUME, "emptyDir": {}}]}}));
+        assert_eq!(inject(&taken, &inputs).err().as_ref().map(Denial::reason), Some("volume_name_taken"));
+        for bad in ["", "projects/x/locations/global/workloadIdentityPools/p/providers/q", "pools/p/providers/q"] {
+            assert!(Federation::new(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]
