@@ -90,7 +90,8 @@ chart-test: build $(HELM) $(KUBE_VALIDATE)
 	  flags="--include-crds --set certs.mode=$$mode --set metrics.serviceMonitor.enabled=true --set webhook.excludeNamespaces={istio-system} \
 	    --set policies[0].name=payments --set policies[0].spec.namespaceSelector.matchLabels.team=payments \
 	    --set policies[0].spec.upstreams[0]=https://europe-west1-host-project.cloudfunctions.net/"; \
-	  if [ $$mode = provided ]; then flags="$$flags --set certs.secretName=wiproxy-serving --set certs.caBundle=LS0tLS1CRUdJTg=="; fi; \
+	  if [ $$mode = provided ]; then flags="$$flags --set certs.secretName=wiproxy-serving --set certs.caBundle=LS0tLS1CRUdJTg== \
+	    --set workloadIdentityFederation.provider=projects/123456789012/locations/global/workloadIdentityPools/onprem/providers/cluster"; fi; \
 	  $(HELM) template wiproxy $(CHART) -n wiproxy-system $$flags > $(OUT)/chart-$$mode.yaml; \
 	  $(HELM) template wiproxy $(CHART) -n wiproxy-system $$flags | cmp - $(OUT)/chart-$$mode.yaml; \
 	  for version in $(KUBE_OLDEST) $$newest; do \

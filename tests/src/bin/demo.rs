@@ -6,6 +6,8 @@
 //! 3. The sidecar starts with exactly the env of the rendered `wiproxy` container, plus the three
 //!    settings that point it at the fakes instead of Google.
 //! 4. A direct call to the function is refused; the same call through the sidecar is answered.
+//! 5. Off GKE: the same Deployment rendered for Workload Identity Federation, and the sidecar
+//!    reaching the function with a projected token of a cluster outside GKE: no key anywhere.
 
 use std::path::Path;
 use std::process::Command;
@@ -15,6 +17,7 @@ use anyhow::{anyhow, bail, Context};
 use serde::Deserialize;
 use serde_json::Value;
 use wiproxy_tests::client::{https_get, Http};
+use wiproxy_tests::google::{wif_principal, wif_token_audience, WIF_PROVIDER};
 use wiproxy_tests::sidecar::{binary, free_port, Sidecar};
 use wiproxy_tests::world::{World, FUNCTION_HOST};
 
@@ -179,6 +182,114 @@ async fn demo() -> anyhow::Result<()> {
         bail!("a GSA outside the policy was not refused");
     }
 
-    println!("\nDemo finished: the function answered only through the sidecar.");
+    federation(&world).await?;
+
+    println!("\nDemo finished: the function answered only through the sidecar, on GKE and off it.");
+    Ok(())
+}
+
+/// The second story: a cluster outside GKE, keyless through Workload Identity Federation.
+async fn federation(world: &World) -> anyhow::Result<()> {
+    step(&format!("Off GKE: wiproxy-webhook render … --workload-identity-provider {WIF_PROVIDER}"));
+    let output = Command::new(binary("wiproxy-webhook"))
+        .args(["render", "-f", "examples/deployment.yaml", "--policy-file", "examples/policy.yaml"])
+        .args(["--workload-identity-provider", WIF_PROVIDER])
+        .output()
+        .context("running wiproxy-webhook render")?;
+    if !output.status.success() {
+        bail!("render failed: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    let documents: Vec<Value> = serde_yaml::Deserializer::from_str(&String::from_utf8(output.stdout)?)
+        .map(Value::deserialize)
+        .collect::<Result<_, _>>()
+        .context("reading the rendered YAML")?;
+    let deployment = documents.iter().find(|d| d["kind"] == "Deployment").ok_or(anyhow!("no Deployment"))?;
+    let template = &deployment["spec"]["template"];
+    let pod = &template["spec"];
+    let sidecar_container = pod["initContainers"]
+        .as_array()
+        .and_then(|cs| cs.iter().find(|c| c["name"] == "wiproxy"))
+        .ok_or(anyhow!("no wiproxy init container"))?;
+    let mapped = documents.iter().any(|d| {
+        d["kind"] == "ServiceAccount" && !d["metadata"]["annotations"]["iam.gke.io/gcp-service-account"].is_null()
+    });
+    println!("  nodeSelector: {}; ServiceAccount annotated: {mapped}", pod["nodeSelector"]);
+    let volume = pod["volumes"]
+        .as_array()
+        .and_then(|vs| vs.iter().find(|v| v["name"] == "wiproxy-federation"))
+        .ok_or(anyhow!("no federation volume"))?;
+    println!("  projected token: {}", volume["projected"]["sources"][0]["serviceAccountToken"]);
+    println!("  mounted into: {} only", sidecar_container["volumeMounts"][0]["mountPath"]);
+    let configuration = template["metadata"]["annotations"]["wiproxy.io/credential-configuration"]
+        .as_str()
+        .ok_or(anyhow!("no credential configuration"))?;
+    let mut configuration: Value = serde_json::from_str(configuration)?;
+    println!("  credential configuration: audience {}", configuration["audience"]);
+    println!("                            impersonates {}", configuration["service_account_impersonation_url"]);
+    if !pod["nodeSelector"].is_null() || mapped {
+        bail!("federation must not add GKE's node selector or ServiceAccount annotation");
+    }
+
+    step("The kubelet's part, played here: the projected token and the configuration in a folder");
+    let gsa = configuration["service_account_impersonation_url"]
+        .as_str()
+        .and_then(|u| u.rsplit_once("/serviceAccounts/"))
+        .and_then(|(_, rest)| rest.strip_suffix(":generateAccessToken"))
+        .ok_or(anyhow!("no GSA in the configuration"))?
+        .to_owned();
+    let ksa = pod["serviceAccountName"].as_str().unwrap_or("default");
+    let namespace = deployment["metadata"]["namespace"].as_str().unwrap_or("default");
+    world
+        .google
+        .federated_bindings
+        .lock()
+        .map_err(|_| anyhow!("lock"))?
+        .push((wif_principal(namespace, ksa), gsa.clone()));
+    println!("  IAM: {} may act as {gsa} (roles/iam.workloadIdentityUser)", wif_principal(namespace, ksa));
+    let dir = tempfile::tempdir()?;
+    let token_path = dir.path().join("token");
+    std::fs::write(&token_path, world.google.cluster_token(namespace, ksa, &wif_token_audience(), 600))?;
+    configuration["credential_source"]["file"] = Value::String(token_path.display().to_string());
+    let configuration_path = dir.path().join("credential-configuration.json");
+    std::fs::write(&configuration_path, configuration.to_string())?;
+    println!("  {} (a ServiceAccount token of this cluster, 10 minutes)", token_path.display());
+
+    let mut env = env_of(sidecar_container);
+    let local = [
+        ("WIPROXY_CREDENTIALS".to_owned(), format!("external-account:{}", configuration_path.display())),
+        // No metadata server here: a port nothing listens on.
+        ("GCE_METADATA_HOST".to_owned(), "127.0.0.1:9".to_owned()),
+        ("WIPROXY_EXTRA_CA_FILE".to_owned(), world.ca_file.display().to_string()),
+        ("WIPROXY_RESOLVE".to_owned(), world.resolve()),
+        ("WIPROXY_ADMIN_LISTEN".to_owned(), format!("127.0.0.1:{}", free_port())),
+        ("WIPROXY_LISTEN".to_owned(), format!("127.0.0.1:{}", free_port())),
+        ("WIPROXY_LOG_FORMAT".to_owned(), "text".to_owned()),
+    ];
+    env.retain(|(name, _)| !local.iter().any(|(n, _)| n == name));
+    env.extend(local);
+    let sidecar = Sidecar::start(&env);
+    let http = Http::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let ready = loop {
+        let reply = http.get(&sidecar.admin_url("/readyz")).await;
+        if reply.status.is_success() || Instant::now() > deadline {
+            break reply;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    println!("  /readyz {}", ready.status.as_u16());
+    if !ready.status.is_success() {
+        bail!("the sidecar did not become ready through federation:\n{}", sidecar.log());
+    }
+
+    step("The call through the sidecar, keyless: projected token → STS → generateIdToken → the function");
+    let through = http.get(&sidecar.url("/orders/v1/orders")).await;
+    println!("  {} {}", through.status.as_u16(), through.status.canonical_reason().unwrap_or(""));
+    println!("  function saw email: {}", through.json()["email"]);
+    println!("  STS exchanges: {}", world.google.sts_subjects.lock().map(|s| s.len()).unwrap_or(0));
+    if !through.status.is_success() || through.json()["email"] != gsa.as_str() {
+        bail!("the call through federation failed: {}", through.text());
+    }
+    sidecar.assert_log_free_of(&world.google.minted());
     Ok(())
 }
