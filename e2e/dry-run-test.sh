@@ -23,7 +23,7 @@ case "$tool $args" in
   "gcloud  run services describe "*) echo "https://inventory-test-abc123-ew.a.run.app" ;;
   "gcloud  projects describe "*) echo "123456789012" ;;
   "gcloud  auth print-access-token "*) echo "ya29.stub-token" ;;
-  "skopeo  login "*) cat > /dev/null ;;
+  "skopeo  login "*) [ "$(cat)" = ya29.stub-token ] || { echo "stub: skopeo login got no token on standard input" >&2; exit 3; } ;;
   "kubectl  get namespace "*) echo 'Error from server (NotFound): namespaces "payments" not found' >&2; exit 1 ;;
   "kubectl  apply -f "*forbidden.yaml*)
     file=${args##* -f }; file=${file%% *}

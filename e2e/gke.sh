@@ -122,7 +122,9 @@ number=$(run gcloud projects describe "$project" --format 'value(projectNumber)'
 # The nodes pull with the default compute service account.
 run gcloud artifacts repositories add-iam-policy-binding "$name" --project "$project" --location "$region" \
   --member "serviceAccount:$number-compute@developer.gserviceaccount.com" --role roles/artifactregistry.reader >/dev/null
-run gcloud auth print-access-token | run skopeo login --username oauth2accesstoken --password-stdin "$region-docker.pkg.dev"
+token=$(run gcloud auth print-access-token)   # never printed: it goes to skopeo on standard input
+printf '%s' "$token" | run skopeo login --username oauth2accesstoken --password-stdin "$region-docker.pkg.dev"
+unset token
 for bin in wiproxy wiproxy-webhook; do
   run skopeo copy "oci-archive:$image_dir/$bin.oci.tar" "docker://$registry/$bin:$version"
 done
