@@ -32,7 +32,7 @@ SOURCE       ?= https://github.com/wiproxy/wiproxy
 REPOSITORY   ?= ghcr.io/wiproxy
 
 .PHONY: all build release demo test lint unit validate-manifests chart-test bench image image-test push \
-        check-links shellcheck check-workflows deny e2e-gke e2e-gke-test clean
+        check-links shellcheck check-workflows deny e2e-gke e2e-gke-args e2e-gke-test push-args clean
 
 all: build
 
@@ -175,20 +175,26 @@ image-test: image build $(KUBE_VALIDATE)
 
 # Copies both OCI archives to a registry: make push REGISTRY=europe-west1-docker.pkg.dev/PROJECT/REPO
 # (log in first: skopeo login, or gcloud auth configure-docker). Not run by make test.
-push: image
-	@[ -n "$(REGISTRY)" ] || { echo "usage: make push REGISTRY=HOST/PATH [VERSION=$(VERSION)]"; exit 1; }
+push: push-args image
 	for bin in wiproxy wiproxy-webhook; do \
 	  skopeo copy --quiet oci-archive:$(IMAGES)/$$bin.oci.tar docker://$(REGISTRY)/$$bin:$(VERSION) || exit 1; \
 	  echo "pushed $(REGISTRY)/$$bin:$(VERSION)"; \
 	done
 
+push-args:
+	@[ -n "$(REGISTRY)" ] || { echo "usage: make push REGISTRY=HOST/PATH"; exit 1; }
+
 # The whole product on a real GKE cluster and real functions (needs a Google Cloud project; never
 # run by CI): make e2e-gke PROJECT=... REGION=... [HOST_PROJECT=...] [AUTOPILOT=1] [CLUSTER=...]
 # DRY_RUN=1 runs it against whatever gcloud/kubectl/helm/skopeo are first on PATH without waiting
 # (make test does that with recording stubs).
-e2e-gke: $(if $(DRY_RUN),,image)
+e2e-gke: e2e-gke-args $(if $(DRY_RUN),,image)
 	PROJECT=$(PROJECT) REGION=$(REGION) HOST_PROJECT=$(HOST_PROJECT) AUTOPILOT=$(AUTOPILOT) CLUSTER=$(CLUSTER) \
 	  DRY_RUN=$(DRY_RUN) VERSION=$(VERSION) IMAGE_DIR=$(IMAGES) bash e2e/gke.sh
+
+e2e-gke-args:
+	@[ -n "$(PROJECT)" ] && [ -n "$(REGION)" ] || \
+	  { echo "usage: make e2e-gke PROJECT=... REGION=... [HOST_PROJECT=...] [AUTOPILOT=1] [CLUSTER=...] [KEEP=1]"; exit 1; }
 
 e2e-gke-test:
 	bash e2e/dry-run-test.sh
