@@ -31,7 +31,7 @@ REVISION     := $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
 SOURCE       ?= https://github.com/wiproxy/wiproxy
 REPOSITORY   ?= ghcr.io/wiproxy
 
-.PHONY: all build release demo test lint unit validate-manifests chart-test bench image image-test push \
+.PHONY: all build release demo test lint boundaries unit validate-manifests chart-test bench image image-test push \
         check-links shellcheck check-workflows deny e2e-gke e2e-gke-args e2e-gke-test push-args clean
 
 all: build
@@ -55,9 +55,24 @@ demo: build
 # Static checks first (seconds), then the Rust tests, manifests, chart and images.
 test: check-links shellcheck check-workflows deny e2e-gke-test lint unit validate-manifests chart-test image-test
 
-lint:
+lint: boundaries
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
+
+# The import rules of docs/architecture.md: the sidecar and common never link kube; the pure
+# modules never open sockets or files; render never sees the command line or the admission
+# handler; no module outside cluster/ matches on the run mode.
+boundaries:
+	@for crate in wiproxy-sidecar wiproxy-common; do \
+	  if $(CARGO) tree --locked -p $$crate -e normal --prefix none | grep -Eq '^(kube|k8s-openapi) '; then \
+	    echo "$$crate depends on kube or k8s-openapi"; exit 1; fi; \
+	done
+	@if grep -nE 'tokio::|std::fs|std::net|kube::(Client|Api|api::|runtime)|hyper::' webhook/src/inject.rs webhook/src/policy.rs webhook/src/review.rs webhook/src/workload.rs; then \
+	  echo "the pure core does I/O (above)"; exit 1; fi
+	@if grep -nE 'crate::(config|admission)' webhook/src/render.rs; then echo "render.rs imports the CLI or the admission handler"; exit 1; fi
+	@if grep -rnE 'Cluster::(Files|Live)\b' webhook/src --include=*.rs | grep -vE '^webhook/src/(cluster/|main.rs|lib.rs)'; then \
+	  echo "a module outside cluster/ matches on the run mode"; exit 1; fi
+	@echo "module boundaries hold"
 
 # The end-to-end tests run the built binaries as separate processes.
 unit: build

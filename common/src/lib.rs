@@ -1,6 +1,7 @@
 //! The contract shared by the wiproxy webhook and the sidecar: pod labels and annotations, the
 //! environment the webhook hands the sidecar, and the upstream grammar both of them parse.
 
+pub mod logging;
 pub mod serve;
 mod upstream;
 
@@ -49,6 +50,19 @@ pub mod env {
     pub fn upstream_url(name: &str) -> String {
         format!("WIPROXY_{}_URL", name.to_ascii_uppercase().replace('-', "_"))
     }
+}
+
+/// An error with its chain of causes, `outer: cause: root cause`, for messages that must say
+/// what went wrong all the way down (a TLS failure inside a connect error, say).
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// Whether `email` has the shape of a Google service account email, such as

@@ -3,16 +3,13 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
-use http::{header, HeaderValue, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde_json::{json, Map, Value};
 
+use crate::body::{json_response, text_response, Body};
 use crate::cache::TokenCache;
-use crate::http::{Body, BoxError};
 use crate::metrics::Metrics;
-use crate::proxy::json_response;
 use crate::routes::Routes;
 
 pub struct Admin {
@@ -24,11 +21,11 @@ pub struct Admin {
 impl Admin {
     pub async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<Body> {
         match request.uri().path() {
-            "/healthz" => text(StatusCode::OK, "ok\n", "text/plain"),
+            "/healthz" => text_response(StatusCode::OK, "ok\n", "text/plain"),
             "/readyz" => self.readyz(),
             "/metrics" => {
                 self.cache.observe_ttl();
-                text(
+                text_response(
                     StatusCode::OK,
                     self.metrics.encode(),
                     "application/openmetrics-text; version=1.0.0; charset=utf-8",
@@ -63,11 +60,4 @@ impl Admin {
         let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
         json_response(code, json!({"ready": ready, "upstreams": Value::Object(upstreams)}))
     }
-}
-
-fn text(status: StatusCode, body: impl Into<Bytes>, content_type: &'static str) -> Response<Body> {
-    let mut response = Response::new(Full::new(body.into()).map_err(|never| -> BoxError { match never {} }).boxed());
-    *response.status_mut() = status;
-    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    response
 }

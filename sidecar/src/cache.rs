@@ -4,22 +4,15 @@
 //! upstream refused), and fail closed with the reason when there is none to give.
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{watch, Notify};
 use tracing::{debug, info, warn};
 
-use crate::credentials::FetchError;
 use crate::metrics::Metrics;
+use crate::source::{FetchError, TokenSource};
 use crate::token::Token;
-
-/// Something that fetches ID tokens: the configured credentials in production, a script in tests.
-pub trait TokenSource: Send + Sync + 'static {
-    fn fetch<'a>(&'a self, audience: &'a str) -> Pin<Box<dyn Future<Output = Result<Token, FetchError>> + Send + 'a>>;
-}
 
 /// Why no token can be given.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -231,6 +224,8 @@ async fn refresh(slot: Arc<Slot>, source: Arc<dyn TokenSource>, expected_email: 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::future::Future;
+    use std::pin::Pin;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::UNIX_EPOCH;
 

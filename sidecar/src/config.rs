@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
+use wiproxy_common::logging::LogFormat;
 use wiproxy_common::{parse_upstreams, TokenHeader, Upstream, UpstreamError};
 
 use crate::credentials::{Credentials, CredentialsError};
@@ -43,12 +44,6 @@ pub struct TokenArgs {
     pub upstream: Option<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Json,
-    Text,
-}
-
 #[derive(Debug, Args)]
 pub struct Settings {
     /// Upstreams: NAME=URL[;audience=AUD][;header=HEADER], one per line or comma-separated.
@@ -66,7 +61,7 @@ pub struct Settings {
     /// Google service account every token must be for (its `email` claim).
     #[arg(long, global = true, env = "WIPROXY_EXPECTED_SERVICE_ACCOUNT")]
     pub expected_service_account: Option<String>,
-    /// Where tokens come from: metadata, key-file:PATH or impersonate:GSA.
+    /// Where tokens come from: metadata, key-file:PATH, impersonate:GSA or external-account:PATH.
     #[arg(long, global = true, env = "WIPROXY_CREDENTIALS", default_value = "metadata")]
     pub credentials: String,
     /// Metadata server address (host[:port]).

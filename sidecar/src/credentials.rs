@@ -1,9 +1,12 @@
 //! Where ID tokens come from: the GKE metadata server (Workload Identity), a service-account key
-//! (signed JWT exchanged at the key's `token_uri`), or impersonation through IAM Credentials
-//! `generateIdToken` with the metadata server's access token.
+//! (signed JWT exchanged at the key's `token_uri`), impersonation through IAM Credentials
+//! `generateIdToken` with the metadata server's access token, or Workload Identity Federation
+//! (a file-sourced `external_account` configuration: the subject token exchanged at Google's STS,
+//! then `generateIdToken` with the federated token).
 
-use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use bytes::Bytes;
@@ -13,8 +16,10 @@ use ring::signature::{RsaKeyPair, RSA_PKCS1_SHA256};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::http::{BoxError, Clients};
-use crate::token::{Token, TokenError};
+use crate::body::BoxError;
+use crate::http::Clients;
+use crate::source::FetchError;
+use crate::token::Token;
 
 const DEFAULT_METADATA_HOST: &str = "169.254.169.254";
 const IAM_CREDENTIALS: &str = "https://iamcredentials.googleapis.com";
@@ -32,6 +37,8 @@ pub enum Credentials {
     KeyFile(ServiceAccountKey),
     /// `impersonate:GSA`: IAM Credentials, authenticated with the metadata server's access token.
     Impersonate { service_account: String, metadata_host: String },
+    /// `external-account:PATH`: Workload Identity Federation, for clusters outside GKE.
+    ExternalAccount(ExternalAccount),
 }
 
 #[derive(Clone, Deserialize)]
@@ -45,7 +52,7 @@ pub struct ServiceAccountKey {
 
 #[derive(Debug, thiserror::Error)]
 pub enum CredentialsError {
-    #[error("WIPROXY_CREDENTIALS: {0:?} is not metadata, key-file:PATH or impersonate:GSA")]
+    #[error("WIPROXY_CREDENTIALS: {0:?} is not metadata, key-file:PATH, impersonate:GSA or external-account:PATH")]
     Unknown(String),
     #[error("WIPROXY_CREDENTIALS: impersonate:{0:?} is not a Google service account email")]
     BadServiceAccount(String),
@@ -53,38 +60,10 @@ pub enum CredentialsError {
     ReadKey { path: String, error: std::io::Error },
     #[error("WIPROXY_CREDENTIALS: key file {path} is not a service-account key ({why}): download a JSON key of type service_account")]
     BadKey { path: String, why: String },
-}
-
-/// Why a fetch failed. `Config` errors are the caller's to fix and are shown in `/readyz`;
-/// `Transient` ones are retried with backoff.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum FetchError {
-    #[error("{0}")]
-    Transient(String),
-    #[error("{source_name} answered {status}: {message}")]
-    Config { source_name: &'static str, status: u16, message: String },
-    #[error("{0}")]
-    Invalid(String),
-}
-
-impl FetchError {
-    pub fn is_config(&self) -> bool {
-        matches!(self, Self::Config { .. } | Self::Invalid(_))
-    }
-
-    pub fn kind(&self) -> &'static str {
-        match self {
-            Self::Transient(_) => "transient",
-            Self::Config { .. } => "config",
-            Self::Invalid(_) => "invalid",
-        }
-    }
-}
-
-impl From<TokenError> for FetchError {
-    fn from(e: TokenError) -> Self {
-        Self::Invalid(e.to_string())
-    }
+    #[error("WIPROXY_CREDENTIALS: cannot read credential configuration {path}: {error}")]
+    ReadExternalAccount { path: String, error: std::io::Error },
+    #[error("WIPROXY_CREDENTIALS: {path} is not a usable external_account configuration: {why}")]
+    BadExternalAccount { path: String, why: String },
 }
 
 impl Credentials {
@@ -104,6 +83,9 @@ impl Credentials {
             }
             return Ok(Self::Impersonate { service_account: gsa.to_owned(), metadata_host });
         }
+        if let Some(path) = spec.strip_prefix("external-account:") {
+            return Ok(Self::ExternalAccount(ExternalAccount::load(Path::new(path))?));
+        }
         Err(CredentialsError::Unknown(spec.to_owned()))
     }
 
@@ -112,6 +94,9 @@ impl Credentials {
             Self::Metadata { host } => format!("metadata server {host}"),
             Self::KeyFile(key) => format!("key of {}", key.client_email),
             Self::Impersonate { service_account, .. } => format!("impersonation of {service_account}"),
+            Self::ExternalAccount(account) => {
+                format!("workload identity federation as {} through {}", account.service_account, account.audience)
+            }
         }
     }
 
@@ -123,6 +108,7 @@ impl Credentials {
             Self::Impersonate { service_account, metadata_host } => {
                 impersonate(clients, metadata_host, service_account, audience).await?
             }
+            Self::ExternalAccount(account) => account.id_token(clients, audience).await?,
         };
         Ok(Token::parse(&raw, SystemTime::now())?)
     }
@@ -213,12 +199,184 @@ async fn impersonate(
     let body = send(clients, request, "metadata server").await?;
     let access_token = json_field(&body, "access_token", "metadata server")?;
     let uri = format!("{IAM_CREDENTIALS}/v1/projects/-/serviceAccounts/{service_account}:generateIdToken");
+    generate_id_token(clients, &uri, &access_token, audience).await
+}
+
+/// IAM Credentials `generateIdToken` at `uri`, authenticated with `access_token`; `includeEmail`
+/// so the token carries the `email` claim the expected-GSA check reads.
+async fn generate_id_token(
+    clients: &Clients,
+    uri: &str,
+    access_token: &str,
+    audience: &str,
+) -> Result<String, FetchError> {
     let request = Request::post(uri)
         .header(header::AUTHORIZATION, format!("Bearer {access_token}"))
         .header(header::CONTENT_TYPE, "application/json")
         .body(Full::new(Bytes::from(json!({"audience": audience, "includeEmail": true}).to_string())));
     let body = send(clients, request, "IAM Credentials").await?;
     json_field(&body, "token", "IAM Credentials")
+}
+
+/// The standard `external_account` configuration (what `gcloud iam workload-identity-pools
+/// create-cred-config --credential-source-file=… --service-account=…` writes), file-sourced.
+#[derive(Clone)]
+pub struct ExternalAccount {
+    /// The workload identity provider, `//iam.googleapis.com/projects/…/providers/…`.
+    pub audience: String,
+    subject_token_type: String,
+    token_url: String,
+    subject_file: PathBuf,
+    /// The JSON field that holds the subject token, when the file is JSON rather than text.
+    subject_field: Option<String>,
+    /// The Google service account the configuration acts as.
+    pub service_account: String,
+    /// `generateIdToken` for it, on the host of the configuration's impersonation URL.
+    id_token_url: String,
+    /// The federated access token and when to stop using it.
+    federated: Arc<Mutex<Option<(String, Instant)>>>,
+}
+
+#[derive(Deserialize)]
+struct ExternalAccountFile {
+    #[serde(rename = "type")]
+    kind: String,
+    audience: String,
+    subject_token_type: String,
+    token_url: String,
+    credential_source: CredentialSourceFile,
+    service_account_impersonation_url: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct CredentialSourceFile {
+    file: Option<String>,
+    format: Option<SubjectFormat>,
+}
+
+#[derive(Deserialize)]
+struct SubjectFormat {
+    #[serde(rename = "type")]
+    kind: String,
+    subject_token_field_name: Option<String>,
+}
+
+/// RFC 8693 token exchange at Google's STS, with the fields Google's client libraries send for a
+/// workload identity pool that then impersonates a service account (google-auth-library-python,
+/// `google/auth/external_account.py` and `google/oauth2/sts.py`: form-encoded `grant_type`,
+/// `audience`, `scope`, `requested_token_type`, `subject_token`, `subject_token_type`).
+const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
+const CLOUD_PLATFORM_SCOPE: &str = "https://www.googleapis.com/auth/cloud-platform";
+
+impl ExternalAccount {
+    pub fn load(path: &Path) -> Result<Self, CredentialsError> {
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path)
+            .map_err(|error| CredentialsError::ReadExternalAccount { path: name.clone(), error })?;
+        Self::parse(&text).map_err(|why| CredentialsError::BadExternalAccount { path: name, why })
+    }
+
+    fn parse(text: &str) -> Result<Self, String> {
+        let file: ExternalAccountFile = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        if file.kind != "external_account" {
+            return Err(format!("type is {:?}, not \"external_account\"", file.kind));
+        }
+        let subject_file = file.credential_source.file.filter(|f| !f.is_empty()).ok_or(
+            "credential_source.file is missing: only file-sourced subject tokens are supported (create-cred-config --credential-source-file)",
+        )?;
+        let subject_field = match file.credential_source.format {
+            None => None,
+            Some(format) if format.kind == "text" => None,
+            Some(format) if format.kind == "json" => {
+                Some(format.subject_token_field_name.ok_or(
+                    "credential_source.format.subject_token_field_name is missing for a json subject token file",
+                )?)
+            }
+            Some(format) => return Err(format!("credential_source.format.type {:?} is not text or json", format.kind)),
+        };
+        let impersonation = file.service_account_impersonation_url.ok_or(
+            "service_account_impersonation_url is missing: ID tokens are minted for a Google service account (create-cred-config --service-account)",
+        )?;
+        let (base, service_account) = impersonation
+            .strip_suffix(":generateAccessToken")
+            .and_then(|rest| rest.rsplit_once("/serviceAccounts/"))
+            .filter(|(base, gsa)| base.starts_with("https://") && wiproxy_common::is_service_account_email(gsa))
+            .ok_or_else(|| format!("service_account_impersonation_url {impersonation:?} is not https://…/serviceAccounts/GSA:generateAccessToken"))?;
+        if !file.token_url.starts_with("https://") {
+            return Err(format!("token_url {:?} is not an https URL", file.token_url));
+        }
+        Ok(Self {
+            audience: file.audience,
+            subject_token_type: file.subject_token_type,
+            token_url: file.token_url,
+            subject_file: PathBuf::from(subject_file),
+            subject_field,
+            id_token_url: format!("{base}/serviceAccounts/{service_account}:generateIdToken"),
+            service_account: service_account.to_owned(),
+            federated: Arc::default(),
+        })
+    }
+
+    /// An ID token for `audience`: the federated token (cached to its `expires_in`), then
+    /// `generateIdToken` for the configured service account.
+    async fn id_token(&self, clients: &Clients, audience: &str) -> Result<String, FetchError> {
+        let federated = self.federated_token(clients).await?;
+        generate_id_token(clients, &self.id_token_url, &federated, audience).await
+    }
+
+    async fn federated_token(&self, clients: &Clients) -> Result<String, FetchError> {
+        let cached = self.federated.lock().map(|slot| slot.clone()).unwrap_or_else(|p| p.into_inner().clone());
+        if let Some((token, _)) = cached.filter(|(_, until)| *until > Instant::now()) {
+            return Ok(token);
+        }
+        // Read on every exchange: the kubelet rotates projected tokens in place.
+        let subject = self.subject_token()?;
+        let form = url::form_urlencoded::Serializer::new(String::new())
+            .append_pair("grant_type", TOKEN_EXCHANGE)
+            .append_pair("audience", &self.audience)
+            .append_pair("scope", CLOUD_PLATFORM_SCOPE)
+            .append_pair("requested_token_type", ACCESS_TOKEN_TYPE)
+            .append_pair("subject_token", &subject)
+            .append_pair("subject_token_type", &self.subject_token_type)
+            .finish();
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri(&self.token_url)
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .body(Full::new(Bytes::from(form)));
+        let body = send(clients, request, "STS").await?;
+        let token = json_field(&body, "access_token", "STS")?;
+        let lifetime = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["expires_in"].as_u64())
+            .unwrap_or(3600);
+        // Stop using it a little before it expires: a tenth of its life, at most a minute.
+        let until = Instant::now() + Duration::from_secs(lifetime - (lifetime / 10).min(60));
+        if let Ok(mut slot) = self.federated.lock() {
+            *slot = Some((token.clone(), until));
+        }
+        Ok(token)
+    }
+
+    fn subject_token(&self) -> Result<String, FetchError> {
+        let path = self.subject_file.display();
+        let text = std::fs::read_to_string(&self.subject_file)
+            .map_err(|e| FetchError::Transient(format!("cannot read the subject token file {path}: {e}")))?;
+        let token = match &self.subject_field {
+            None => text.trim().to_owned(),
+            Some(field) => serde_json::from_str::<serde_json::Value>(&text)
+                .ok()
+                .and_then(|v| v[field.as_str()].as_str().map(str::to_owned))
+                .ok_or_else(|| {
+                    FetchError::Invalid(format!("the subject token file {path} has no string field {field:?}"))
+                })?,
+        };
+        if token.is_empty() {
+            return Err(FetchError::Transient(format!("the subject token file {path} is empty")));
+        }
+        Ok(token)
+    }
 }
 
 fn json_field(body: &[u8], field: &str, source_name: &'static str) -> Result<String, FetchError> {
@@ -240,7 +398,12 @@ async fn send(
     let request = request.map(|body| body.map_err(|never| -> BoxError { match never {} }).boxed());
     let response = match tokio::time::timeout(FETCH_TIMEOUT, clients.any.request(request)).await {
         Err(_) => return Err(FetchError::Transient(format!("{source_name} did not answer within {FETCH_TIMEOUT:?}"))),
-        Ok(Err(e)) => return Err(FetchError::Transient(format!("cannot reach {source_name}: {}", error_chain(&e)))),
+        Ok(Err(e)) => {
+            return Err(FetchError::Transient(format!(
+                "cannot reach {source_name}: {}",
+                wiproxy_common::error_chain(&e)
+            )))
+        }
         Ok(Ok(response)) => response,
     };
     let status = response.status();
@@ -280,17 +443,6 @@ fn server_message(body: &[u8]) -> String {
     message
 }
 
-pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -313,6 +465,49 @@ mod tests {
             Err(CredentialsError::ReadKey { .. })
         ));
         assert!(matches!(Credentials::parse("vault", None), Err(CredentialsError::Unknown(_))));
+    }
+
+    #[test]
+    fn external_account_configurations_are_read_as_gcloud_writes_them() {
+        let config = |change: serde_json::Value| {
+            let mut value = json!({
+                "universe_domain": "googleapis.com",
+                "type": "external_account",
+                "audience": "//iam.googleapis.com/projects/123/locations/global/workloadIdentityPools/onprem/providers/cluster",
+                "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
+                "token_url": "https://sts.googleapis.com/v1/token",
+                "credential_source": {"file": "/var/run/wiproxy/token", "format": {"type": "text"}},
+                "service_account_impersonation_url": "https://iamcredentials.googleapis.com/v1/projects/-/serviceAccounts/invoker@p.iam.gserviceaccount.com:generateAccessToken",
+            });
+            for (key, field) in change.as_object().into_iter().flatten() {
+                value[key] = field.clone();
+            }
+            ExternalAccount::parse(&value.to_string())
+        };
+        let account = config(json!({})).expect("the gcloud shape");
+        assert_eq!(account.service_account, "invoker@p.iam.gserviceaccount.com");
+        assert_eq!(
+            account.id_token_url,
+            "https://iamcredentials.googleapis.com/v1/projects/-/serviceAccounts/invoker@p.iam.gserviceaccount.com:generateIdToken"
+        );
+        assert_eq!(account.subject_field, None);
+        let json_source = json!({"credential_source": {"file": "/t", "format": {"type": "json", "subject_token_field_name": "id_token"}}});
+        assert_eq!(config(json_source).expect("json source").subject_field.as_deref(), Some("id_token"));
+        let refusals = [
+            (json!({"type": "service_account"}), "external_account"),
+            (json!({"credential_source": {"url": "http://169.254.169.254/x"}}), "credential_source.file"),
+            (json!({"credential_source": {"file": "/t", "format": {"type": "json"}}}), "subject_token_field_name"),
+            (json!({"service_account_impersonation_url": null}), "--service-account"),
+            (
+                json!({"service_account_impersonation_url": "https://iamcredentials.googleapis.com/v1/projects/-/serviceAccounts/x:generateAccessToken"}),
+                "serviceAccounts/GSA",
+            ),
+            (json!({"token_url": "http://sts.googleapis.com/v1/token"}), "token_url"),
+        ];
+        for (change, named) in refusals {
+            let why = config(change.clone()).err().unwrap_or_default();
+            assert!(why.contains(named), "{change}: {why}");
+        }
     }
 
     #[test]

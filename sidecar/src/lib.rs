@@ -2,6 +2,7 @@
 //! for each configured upstream, and forwards over HTTPS.
 
 pub mod admin;
+pub mod body;
 pub mod cache;
 pub mod config;
 pub mod credentials;
@@ -9,10 +10,10 @@ pub mod http;
 pub mod metrics;
 pub mod proxy;
 pub mod routes;
+pub mod source;
 pub mod token;
 
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,26 +24,15 @@ use tokio::sync::watch;
 use tracing::info;
 
 use crate::admin::Admin;
-use crate::cache::{TokenCache, TokenSource};
+use crate::body::Body;
+use crate::cache::TokenCache;
 use crate::config::Config;
-use crate::credentials::{Credentials, FetchError};
-use crate::http::{Body, Clients};
+use crate::http::Clients;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::routes::Routes;
+use crate::source::{CredentialSource, FetchError};
 use crate::token::Token;
-
-/// The configured credentials as the cache's token source.
-pub struct CredentialSource {
-    pub credentials: Credentials,
-    pub clients: Clients,
-}
-
-impl TokenSource for CredentialSource {
-    fn fetch<'a>(&'a self, audience: &'a str) -> Pin<Box<dyn Future<Output = Result<Token, FetchError>> + Send + 'a>> {
-        Box::pin(self.credentials.fetch(&self.clients, audience))
-    }
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {

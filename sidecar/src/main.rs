@@ -2,8 +2,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use tokio::sync::watch;
-use tracing_subscriber::filter::Targets;
-use wiproxy_sidecar::config::{Cli, Command, LogFormat};
+use wiproxy_sidecar::config::{Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -11,7 +10,7 @@ fn main() -> ExitCode {
         eprintln!("error: a rustls crypto provider was already installed");
         return ExitCode::FAILURE;
     }
-    init_logging(&cli.settings.log, cli.settings.log_format);
+    wiproxy_common::logging::init(&cli.settings.log, cli.settings.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
@@ -73,17 +72,5 @@ fn main() -> ExitCode {
                 }
             }
         }
-    }
-}
-
-fn init_logging(filter: &str, format: LogFormat) {
-    let targets: Targets = filter.parse().unwrap_or_else(|_| Targets::new().with_default(tracing::Level::INFO));
-    use tracing_subscriber::layer::SubscriberExt;
-    use tracing_subscriber::util::SubscriberInitExt;
-    let registry = tracing_subscriber::registry().with(targets);
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(false);
-    match format {
-        LogFormat::Json => registry.with(fmt.json().flatten_event(true)).init(),
-        LogFormat::Text => registry.with(fmt).init(),
     }
 }

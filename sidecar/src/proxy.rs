@@ -7,16 +7,16 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
-use http_body_util::{BodyExt, Empty, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tracing::{debug, warn};
 use wiproxy_common::TokenHeader;
 
+use crate::body::{empty, full, json_response, Body, BoxError};
 use crate::cache::TokenCache;
-use crate::credentials::error_chain;
-use crate::http::{Body, BoxError, Clients};
+use crate::http::Clients;
 use crate::metrics::Metrics;
 use crate::routes::{Destination, Route, Routes};
 use crate::token::Token;
@@ -37,21 +37,6 @@ pub struct Proxy {
     pub token_wait: Duration,
     /// Longest wait for the upstream's response headers.
     pub upstream_timeout: Option<Duration>,
-}
-
-pub fn json_response(status: StatusCode, body: serde_json::Value) -> Response<Body> {
-    let mut response = Response::new(full(Bytes::from(body.to_string())));
-    *response.status_mut() = status;
-    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    response
-}
-
-fn full(bytes: Bytes) -> Body {
-    Full::new(bytes).map_err(|never| -> BoxError { match never {} }).boxed()
-}
-
-fn empty() -> Body {
-    Empty::new().map_err(|never| -> BoxError { match never {} }).boxed()
 }
 
 /// Connection-level headers that are never forwarded (RFC 9110 §7.6.1), plus any the
@@ -153,7 +138,7 @@ impl Proxy {
     async fn token(&self, route: &Route) -> Response<Body> {
         match self.cache.get(&route.audience, self.token_wait).await {
             Ok(token) => {
-                let mut response = Response::new(full(Bytes::from(token.secret().to_owned())));
+                let mut response = Response::new(full(token.secret().to_owned()));
                 response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
                 response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
                 response
@@ -307,7 +292,7 @@ fn upstream_error(route: &Route, error: &hyper_util::client::legacy::Error) -> R
         found
     };
     let status = if timed_out { StatusCode::GATEWAY_TIMEOUT } else { StatusCode::BAD_GATEWAY };
-    let reason = error_chain(error);
+    let reason = wiproxy_common::error_chain(error);
     warn!(upstream = %route.name, status = status.as_u16(), error = %reason, "upstream unreachable");
     json_response(
         status,

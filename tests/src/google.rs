@@ -1,6 +1,8 @@
 //! Fakes of Google's side: the GKE metadata server (Workload Identity), the OAuth token endpoint
-//! (service-account keys) and IAM Credentials (`generateIdToken`). They share one signing key
-//! and remember every token they hand out, so tests can check that none leaks into logs.
+//! (service-account keys), the Security Token Service (Workload Identity Federation) and IAM
+//! Credentials (`generateIdToken`). They share one signing key and remember every token they hand
+//! out, so tests can check that none leaks into logs. A fake Kubernetes issuer signs the
+//! projected ServiceAccount tokens that federation exchanges.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -20,8 +22,33 @@ use crate::jwt::{now, Signer, Verifier};
 /// The fake service-account key of `tests/fixtures`, as the `key-file:` credential reads it.
 pub const SERVICE_ACCOUNT_KEY: &str = include_str!("../fixtures/service-account-key.json");
 
+/// The workload identity pool provider trusting the fake cluster's issuer.
+pub const WIF_PROVIDER: &str = "projects/123456789012/locations/global/workloadIdentityPools/onprem/providers/cluster";
+/// The fake cluster's ServiceAccount token issuer (its `--service-account-issuer`).
+pub const CLUSTER_ISSUER: &str = "https://kubernetes.onprem.example.com";
+
+/// The STS `audience` of the provider: what `create-cred-config` writes into the configuration.
+pub fn wif_audience() -> String {
+    format!("//iam.googleapis.com/{WIF_PROVIDER}")
+}
+
+/// The audience a projected ServiceAccount token must carry for the provider: Google's default
+/// allowed audience of an OIDC provider is its resource name as an https URL.
+pub fn wif_token_audience() -> String {
+    format!("https://iam.googleapis.com/{WIF_PROVIDER}")
+}
+
+/// The federated principal of a Kubernetes ServiceAccount, as IAM bindings name it
+/// (`google.subject` mapped from the token's `sub`).
+pub fn wif_principal(namespace: &str, ksa: &str) -> String {
+    let pool = WIF_PROVIDER.split("/providers/").next().unwrap_or_default();
+    format!("principal://iam.googleapis.com/{pool}/subject/system:serviceaccount:{namespace}:{ksa}")
+}
+
 pub struct Google {
     signer: Signer,
+    /// Signs the fake cluster's projected ServiceAccount tokens.
+    cluster_issuer: Signer,
     key_file: Verifier,
     key_file_email: String,
     next_id: AtomicU64,
@@ -40,6 +67,12 @@ pub struct Google {
     pub bound: Mutex<Option<String>>,
     /// GSAs the bound GSA may impersonate through IAM Credentials.
     pub impersonable: Mutex<Vec<String>>,
+    /// `roles/iam.workloadIdentityUser` bindings: (federated principal, GSA).
+    pub federated_bindings: Mutex<Vec<(String, String)>>,
+    /// Lifetime of the federated tokens STS hands out, in seconds.
+    pub sts_lifetime_secs: AtomicU64,
+    /// The `sub` and `jti` of every subject token STS accepted, in order.
+    pub sts_subjects: Mutex<Vec<(String, String)>>,
 }
 
 impl Google {
@@ -50,6 +83,8 @@ impl Google {
             .verifier();
         Arc::new(Self {
             signer: Signer::google(),
+            cluster_issuer: Signer::from_pem(include_str!("../fixtures/cluster-issuer-key.pem"), "cluster-1")
+                .expect("the fixture key is a valid RSA key"),
             key_file,
             key_file_email: key["client_email"].as_str().unwrap_or_default().to_owned(),
             next_id: AtomicU64::new(1),
@@ -61,7 +96,29 @@ impl Google {
             failure: Mutex::default(),
             bound: Mutex::new(Some(bound.to_owned())),
             impersonable: Mutex::default(),
+            federated_bindings: Mutex::default(),
+            sts_lifetime_secs: AtomicU64::new(3600),
+            sts_subjects: Mutex::default(),
         })
+    }
+
+    /// A projected ServiceAccount token of the fake cluster, as the kubelet writes it, valid
+    /// for `lifetime` seconds (negative: already expired).
+    pub fn cluster_token(&self, namespace: &str, ksa: &str, audience: &str, lifetime: i64) -> String {
+        let iat = now();
+        let claims = json!({
+            "iss": CLUSTER_ISSUER,
+            "aud": [audience],
+            "sub": format!("system:serviceaccount:{namespace}:{ksa}"),
+            "iat": iat,
+            "nbf": iat,
+            "exp": iat.saturating_add_signed(lifetime),
+            "jti": format!("kube-{}", self.next_id.fetch_add(1, Ordering::SeqCst)),
+            "kubernetes.io": {"namespace": namespace, "serviceaccount": {"name": ksa, "uid": "0d4a5c4e-0000-4000-8000-000000000001"}},
+        });
+        let token = self.cluster_issuer.sign(&claims);
+        self.minted.lock().expect("lock").push(token.clone());
+        token
     }
 
     pub fn verifier(&self) -> Verifier {
@@ -226,6 +283,74 @@ async fn oauth_token(State(google): State<Arc<Google>>, body: String) -> Respons
     Json(json!({"id_token": google.mint(audience, &google.key_file_email, true)})).into_response()
 }
 
+/// `sts.googleapis.com/v1/token`: RFC 8693 token exchange of a projected ServiceAccount token
+/// for a federated access token (https://cloud.google.com/iam/docs/reference/sts/rest/v1/TopLevel/token).
+/// Checked as Google documents for an OIDC provider: the audience names an existing provider, the
+/// subject token's signature verifies against the issuer's JWKS, its `iss` is the provider's
+/// issuer, its `aud` holds one of the allowed audiences, and it has not expired. Errors are OAuth
+/// errors (`error`, `error_description`) with status 400, as the STS reference shows; the exact
+/// description texts are not documented and are modelled on what Google's STS prints.
+async fn sts_token(State(google): State<Arc<Google>>, body: String) -> Response {
+    let form: HashMap<String, String> = url::form_urlencoded::parse(body.as_bytes()).into_owned().collect();
+    let field = |name: &str| form.get(name).map(String::as_str).unwrap_or_default();
+    if field("grant_type") != "urn:ietf:params:oauth:grant-type:token-exchange" {
+        return oauth_error(400, "unsupported_grant_type", "The grant_type is not supported.");
+    }
+    if field("requested_token_type") != "urn:ietf:params:oauth:token-type:access_token" {
+        return oauth_error(400, "invalid_request", "Invalid value for \"requested_token_type\".");
+    }
+    if field("subject_token_type") != "urn:ietf:params:oauth:token-type:jwt" {
+        return oauth_error(400, "invalid_request", "Invalid value for \"subject_token_type\".");
+    }
+    if field("audience") != wif_audience() {
+        return oauth_error(
+            400,
+            "invalid_target",
+            "The target service indicated by the \"audience\" parameters is invalid. This might either be because the pool or provider is disabled or deleted or because it doesn't exist.",
+        );
+    }
+    let claims = match google.cluster_issuer.verifier().verify(field("subject_token")) {
+        Ok(claims) => claims,
+        Err(why) => return oauth_error(400, "invalid_grant", &format!("Invalid ID Token: {why}.")),
+    };
+    if claims["iss"] != CLUSTER_ISSUER {
+        return oauth_error(
+            400,
+            "invalid_grant",
+            &format!("The issuer in ID Token {} does not match the expected ones: {CLUSTER_ISSUER}.", claims["iss"]),
+        );
+    }
+    let expected = wif_token_audience();
+    let audiences: Vec<&str> = match &claims["aud"] {
+        Value::String(one) => vec![one.as_str()],
+        Value::Array(many) => many.iter().filter_map(Value::as_str).collect(),
+        _ => Vec::new(),
+    };
+    if !audiences.contains(&expected.as_str()) {
+        return oauth_error(
+            400,
+            "invalid_grant",
+            &format!("The audience in ID Token {audiences:?} does not match the expected audience {expected}."),
+        );
+    }
+    if claims["exp"].as_u64().is_none_or(|exp| exp <= now()) {
+        return oauth_error(400, "invalid_grant", "ID Token has expired.");
+    }
+    let subject = claims["sub"].as_str().unwrap_or_default().to_owned();
+    let jti = claims["jti"].as_str().unwrap_or_default().to_owned();
+    google.sts_subjects.lock().expect("lock").push((subject.clone(), jti));
+    let pool = WIF_PROVIDER.split("/providers/").next().unwrap_or_default();
+    let principal = format!("principal://iam.googleapis.com/{pool}/subject/{subject}");
+    let lifetime = google.sts_lifetime_secs.load(Ordering::SeqCst);
+    Json(json!({
+        "access_token": google.access_token(&principal),
+        "issued_token_type": "urn:ietf:params:oauth:token-type:access_token",
+        "token_type": "Bearer",
+        "expires_in": lifetime,
+    }))
+    .into_response()
+}
+
 /// `iamcredentials.googleapis.com/v1/projects/-/serviceAccounts/GSA:generateIdToken`.
 async fn generate_id_token(State(google): State<Arc<Google>>, request: Request) -> Response {
     let path = request.uri().path().to_owned();
@@ -245,7 +370,14 @@ async fn generate_id_token(State(google): State<Arc<Google>>, request: Request) 
     let Some(caller) = caller else {
         return iam_error(401, "Request had invalid authentication credentials. Expected OAuth 2 access token.");
     };
-    if !google.impersonable.lock().expect("lock").contains(&target) {
+    // A federated principal needs roles/iam.workloadIdentityUser on the GSA; a GSA caller needs
+    // roles/iam.serviceAccountTokenCreator (here: the impersonable list).
+    let allowed = if caller.starts_with("principal://") {
+        google.federated_bindings.lock().expect("lock").iter().any(|(p, gsa)| *p == caller && *gsa == target)
+    } else {
+        google.impersonable.lock().expect("lock").contains(&target)
+    };
+    if !allowed {
         return iam_error(
             403,
             &format!("Permission 'iam.serviceAccounts.getOpenIdToken' denied on resource (or it may not exist): {caller} cannot act as {target}"),
@@ -263,11 +395,12 @@ async fn generate_id_token(State(google): State<Arc<Google>>, request: Request) 
     Json(json!({"token": google.mint(audience, &target, include_email)})).into_response()
 }
 
-/// `oauth2.googleapis.com` and `iamcredentials.googleapis.com`, served over HTTPS; also the JWKS
-/// at `/oauth2/v3/certs`.
+/// `oauth2.googleapis.com`, `sts.googleapis.com` and `iamcredentials.googleapis.com`, served over
+/// HTTPS; also the JWKS at `/oauth2/v3/certs`.
 pub fn googleapis_router(google: Arc<Google>) -> Router {
     Router::new()
         .route("/token", axum::routing::post(oauth_token))
+        .route("/v1/token", axum::routing::post(sts_token))
         .route(
             "/oauth2/v3/certs",
             get(|State(google): State<Arc<Google>>| async move { Json(google.verifier().jwks()) }),

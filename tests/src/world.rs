@@ -50,7 +50,7 @@ impl World {
         let metadata = serve::http(google::metadata_router(google.clone())).await;
         let googleapis = serve::https(
             google::googleapis_router(google.clone()),
-            ca.server_config(&["oauth2.googleapis.com", "iamcredentials.googleapis.com"]),
+            ca.server_config(&["oauth2.googleapis.com", "sts.googleapis.com", "iamcredentials.googleapis.com"]),
         )
         .await;
         let function_addr =
@@ -66,7 +66,7 @@ impl World {
         let f = self.function_addr;
         let g = self.googleapis;
         format!(
-            "{FUNCTION_HOST}={f},{RUN_HOST}={f},{CUSTOM_HOST}={f},oauth2.googleapis.com={g},iamcredentials.googleapis.com={g}"
+            "{FUNCTION_HOST}={f},{RUN_HOST}={f},{CUSTOM_HOST}={f},oauth2.googleapis.com={g},sts.googleapis.com={g},iamcredentials.googleapis.com={g}"
         )
     }
 
@@ -80,6 +80,39 @@ impl World {
             ("WIPROXY_RESOLVE".into(), self.resolve()),
             ("WIPROXY_LOG".into(), "trace".into()),
         ]
+    }
+
+    /// Workload Identity Federation for KSA `namespace/ksa` acting as `gsa`: the binding in the
+    /// fake IAM, a projected token file and the `external_account` configuration that
+    /// `gcloud iam workload-identity-pools create-cred-config` writes for it. Returns the
+    /// configuration's path and the token file's.
+    pub fn write_external_account(
+        &self,
+        dir: &std::path::Path,
+        namespace: &str,
+        ksa: &str,
+        gsa: &str,
+    ) -> (PathBuf, PathBuf) {
+        self.google
+            .federated_bindings
+            .lock()
+            .expect("lock")
+            .push((google::wif_principal(namespace, ksa), gsa.to_owned()));
+        let token_path = dir.join("token");
+        let token = self.google.cluster_token(namespace, ksa, &google::wif_token_audience(), 3600);
+        std::fs::write(&token_path, token).expect("write the subject token");
+        let config = serde_json::json!({
+            "universe_domain": "googleapis.com",
+            "type": "external_account",
+            "audience": google::wif_audience(),
+            "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
+            "token_url": "https://sts.googleapis.com/v1/token",
+            "credential_source": {"file": token_path, "format": {"type": "text"}},
+            "service_account_impersonation_url": format!("https://iamcredentials.googleapis.com/v1/projects/-/serviceAccounts/{gsa}:generateAccessToken"),
+        });
+        let config_path = dir.join("credential-configuration.json");
+        std::fs::write(&config_path, config.to_string()).expect("write the configuration");
+        (config_path, token_path)
     }
 
     /// The fake service-account key with its `token_uri` left as Google's (pinned to the fake).

@@ -1,32 +1,30 @@
 //! Command line of `wiproxy-webhook`; every flag can also be set as `WIPROXY_WEBHOOK_<FLAG>`.
 
+use std::io::Read;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 use serde_json::Value;
+use wiproxy_common::logging::LogFormat;
 
 use crate::certs::SelfSigned;
 use crate::inject::SidecarSettings;
+use crate::render::{RenderError, RenderJob, RenderOptions};
+use crate::yaml;
 
 #[derive(Debug, Parser)]
 #[command(name = "wiproxy-webhook", version, about = "Injects the wiproxy token-proxy sidecar into labelled pods")]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
-    /// Log filter, in tracing's EnvFilter syntax (e.g. "info,wiproxy_webhook=debug").
+    /// Log filter: a level, or targets such as "info,wiproxy_webhook=debug".
     #[arg(long, global = true, env = "WIPROXY_WEBHOOK_LOG", default_value = "info")]
     pub log: String,
     /// Log line format.
     #[arg(long, global = true, env = "WIPROXY_WEBHOOK_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
     pub log_format: LogFormat,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Json,
-    Text,
 }
 
 #[derive(Debug, Subcommand)]
@@ -148,7 +146,50 @@ pub struct ServeArgs {
     pub shared: SharedArgs,
 }
 
+/// How `serve` runs, decided once from the flags.
+#[derive(Debug)]
+pub enum Mode {
+    /// `--cluster-file`: no Kubernetes API at all; the serving pair from files.
+    Files { cluster_file: PathBuf, cert: PathBuf, key: PathBuf },
+    /// Against the Kubernetes API (in-cluster or KUBECONFIG).
+    Cluster { certificate: ServingCertificate },
+}
+
+/// Where the serving certificate comes from in a cluster.
+#[derive(Debug)]
+pub enum ServingCertificate {
+    Files { cert: PathBuf, key: PathBuf },
+    SelfSigned(SelfSigned),
+}
+
 impl ServeArgs {
+    /// The run mode the flags ask for, or what is missing or contradictory.
+    pub fn mode(&self) -> Result<Mode, String> {
+        let self_signed = self.self_signed()?;
+        let files = match (&self.tls_cert_file, &self.tls_key_file) {
+            (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
+            _ => None,
+        };
+        let Some(cluster_file) = &self.shared.cluster_file else {
+            let certificate = match (self_signed, files) {
+                (Some(config), _) => ServingCertificate::SelfSigned(config),
+                (None, Some((cert, key))) => ServingCertificate::Files { cert, key },
+                (None, None) => {
+                    return Err("give --tls-cert-file and --tls-key-file, or --self-signed-secret".to_owned())
+                }
+            };
+            return Ok(Mode::Cluster { certificate });
+        };
+        if self.shared.policy_file.is_none() && self.shared.policy_required {
+            return Err("--cluster-file needs --policy-file (or --policy-required=false): there is no cluster to read policies from".to_owned());
+        }
+        if self_signed.is_some() {
+            return Err("--self-signed-secret needs the Kubernetes API: give --tls-cert-file and --tls-key-file with --cluster-file".to_owned());
+        }
+        let (cert, key) = files.ok_or("give --tls-cert-file and --tls-key-file")?;
+        Ok(Mode::Files { cluster_file: cluster_file.clone(), cert, key })
+    }
+
     /// The self-signed mode settings, when `--self-signed-secret` is given.
     pub fn self_signed(&self) -> Result<Option<SelfSigned>, String> {
         let Some(secret) = &self.self_signed_secret else { return Ok(None) };
@@ -189,4 +230,35 @@ pub struct RenderArgs {
     pub native_sidecars: RenderNativeSidecars,
     #[command(flatten)]
     pub shared: SharedArgs,
+}
+
+impl RenderArgs {
+    /// Reads what the command line names: the manifests (`-` for standard input), the policy
+    /// and cluster files, and the sidecar settings.
+    pub fn load(&self) -> Result<RenderJob, RenderError> {
+        let (input, source_name) = if self.file.as_os_str() == "-" {
+            let mut text = String::new();
+            std::io::stdin().read_to_string(&mut text).map_err(RenderError::Stdin)?;
+            (text, "<stdin>".to_owned())
+        } else {
+            (yaml::read_file(&self.file)?, self.file.display().to_string())
+        };
+        let policies = match &self.shared.policy_file {
+            Some(path) => yaml::load_policies(path)?,
+            None => Vec::new(),
+        };
+        let cluster = match &self.shared.cluster_file {
+            Some(path) => yaml::parse_stream(&yaml::read_file(path)?, &path.display().to_string())?,
+            None => Vec::new(),
+        };
+        let native = self.native_sidecars == RenderNativeSidecars::Always;
+        let options = RenderOptions {
+            namespace: self.namespace.clone(),
+            sidecar: self.shared.sidecar(native).map_err(RenderError::Config)?,
+            policies,
+            policy_required: self.shared.policy_required,
+            cluster,
+        };
+        Ok(RenderJob { input, source_name, options })
+    }
 }

@@ -55,6 +55,13 @@ pub enum Denial {
     NoSinglePolicy { gsa: String, policies: Vec<String> },
     #[error("a container named {SIDECAR_CONTAINER:?} exists but the pod carries no wiproxy.io/status: rename that container")]
     ContainerNameTaken,
+    /// The review's object (or the workload's pod template) cannot be read as a Pod.
+    #[error("{0}")]
+    Malformed(String),
+    #[error("cannot add {GKE_SERVICE_ACCOUNT_ANNOTATION}: {gsa} to ServiceAccount {namespace}/{ksa}: {error}: create the ServiceAccount first, or annotate it yourself")]
+    ServiceAccountPatch { namespace: String, ksa: String, gsa: String, error: String },
+    #[error("cannot encode patch: {0}")]
+    PatchEncoding(String),
 }
 
 impl Denial {
@@ -78,6 +85,9 @@ impl Denial {
             Self::ServiceAccountNotAllowed { .. } => "service_account_not_allowed",
             Self::UpstreamNotAllowed { .. } | Self::NoSinglePolicy { .. } => "upstream_not_allowed",
             Self::ContainerNameTaken => "container_name_taken",
+            Self::Malformed(_) => "malformed_pod",
+            Self::ServiceAccountPatch { .. } => "service_account_patch",
+            Self::PatchEncoding(_) => "internal",
         }
     }
 }

@@ -14,7 +14,7 @@ use wiproxy_common::{
     SIDECAR_CONTAINER, SKIP_CONTAINERS_ANNOTATION, STATUS_ANNOTATION, TOKEN_HEADER_ANNOTATION, UPSTREAMS_ANNOTATION,
 };
 
-use crate::cluster::{ClusterView, KsaLookup};
+use crate::cluster::{ClusterState, KsaLookup};
 use crate::denial::Denial;
 use crate::policy::{PolicySet, Refusal};
 
@@ -53,7 +53,7 @@ pub struct Inputs<'a> {
     pub namespace: &'a str,
     pub sidecar: &'a SidecarSettings,
     pub policies: &'a PolicySet,
-    pub cluster: &'a dyn ClusterView,
+    pub cluster: &'a dyn ClusterState,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -155,7 +155,7 @@ pub fn inject(pod: &Pod, inputs: &Inputs) -> Result<Outcome, Denial> {
         return Err(Denial::DefaultKsa { namespace: namespace.to_owned() });
     }
 
-    let verdict = inputs.policies.evaluate(&selecting, &gsa, &settings.upstreams).map_err(|refusal| match refusal {
+    let allowance = inputs.policies.allow(&selecting, &gsa, &settings.upstreams).map_err(|refusal| match refusal {
         Refusal::NoPolicy => Denial::NoPolicy { namespace: namespace.to_owned() },
         Refusal::ServiceAccount { policies } => {
             Denial::ServiceAccountNotAllowed { gsa: gsa.clone(), namespace: namespace.to_owned(), policies }
@@ -169,12 +169,12 @@ pub fn inject(pod: &Pod, inputs: &Inputs) -> Result<Outcome, Denial> {
     let mut warnings = upstream_warnings(&settings.upstreams);
     let service_account = match ksa_lookup {
         KsaLookup::Mapped(_) => ServiceAccountChange::None,
-        _ if verdict.manage_service_accounts => ServiceAccountChange::Annotate { name: ksa, gsa: gsa.clone() },
+        _ if allowance.manage_service_accounts => ServiceAccountChange::Annotate { name: ksa, gsa: gsa.clone() },
         _ => {
             warnings.push(format!(
                 "ServiceAccount {namespace}/{ksa} has no {} annotation and policy {} does not manage ServiceAccounts: the sidecar stays unready until it maps to {gsa}",
                 wiproxy_common::GKE_SERVICE_ACCOUNT_ANNOTATION,
-                verdict.policy.as_deref().unwrap_or("-"),
+                allowance.policy.as_deref().unwrap_or("-"),
             ));
             ServiceAccountChange::None
         }
@@ -189,7 +189,7 @@ pub fn inject(pod: &Pod, inputs: &Inputs) -> Result<Outcome, Denial> {
         Value::String(status(&settings, &gsa, inputs.sidecar)),
     ));
 
-    Ok(Outcome::Injected(Injection { patch: Patch(patch), warnings, service_account, gsa, policy: verdict.policy }))
+    Ok(Outcome::Injected(Injection { patch: Patch(patch), warnings, service_account, gsa, policy: allowance.policy }))
 }
 
 /// The pod's Kubernetes ServiceAccount: `serviceAccountName`, the deprecated `serviceAccount`, or `default`.
@@ -427,4 +427,370 @@ fn status(settings: &Settings, gsa: &str, sidecar: &SidecarSettings) -> String {
 
 fn add<'a>(tokens: impl IntoIterator<Item = &'a str>, value: Value) -> PatchOperation {
     PatchOperation::Add(AddOperation { path: PointerBuf::from_tokens(tokens), value })
+}
+
+#[cfg(test)]
+mod tests {
+    //! One table per rule of the core: each row a pod (or a cluster or policy set-up) and what
+    //! `inject` must answer. The golden files cover whole manifests; these pin each rule alone.
+    use super::*;
+    use crate::cluster::StaticCluster;
+    use crate::policy::{Policy, TokenProxyPolicySpec};
+
+    const GSA: &str = "invoker@client-project.iam.gserviceaccount.com";
+    const OTHER_GSA: &str = "other@client-project.iam.gserviceaccount.com";
+    const FUNCTION: &str = "https://europe-west1-host-project.cloudfunctions.net/orders";
+
+    fn policy(
+        name: &str,
+        service_accounts: &[&str],
+        upstreams: &[&str],
+        change: impl Fn(&mut TokenProxyPolicySpec),
+    ) -> Policy {
+        let mut spec = TokenProxyPolicySpec {
+            namespace_selector: Default::default(),
+            service_accounts: service_accounts.iter().map(|s| s.to_string()).collect(),
+            upstreams: upstreams.iter().map(|s| s.to_string()).collect(),
+            default_service_account: None,
+            manage_service_accounts: true,
+            allow_default_ksa: false,
+        };
+        change(&mut spec);
+        Policy::from_spec(name.to_owned(), &spec).expect("valid policy")
+    }
+
+    fn open_policy() -> PolicySet {
+        PolicySet::new(
+            vec![policy(
+                "payments",
+                &["*@client-project.iam.gserviceaccount.com"],
+                &["https://europe-west1-host-project.cloudfunctions.net/"],
+                |_| {},
+            )],
+            true,
+        )
+    }
+
+    /// A labelled pod with one container `app` on ServiceAccount `orders`, acting as `GSA`,
+    /// changed by `change` (a JSON merge over the pod).
+    fn pod(change: Value) -> Pod {
+        let mut pod = json!({
+            "metadata": {
+                "name": "orders",
+                "labels": {INJECT_LABEL: "true"},
+                "annotations": {UPSTREAMS_ANNOTATION: format!("orders={FUNCTION}"), SERVICE_ACCOUNT_ANNOTATION: GSA},
+            },
+            "spec": {"serviceAccountName": "orders", "containers": [{"name": "app", "image": "app"}]},
+        });
+        json_patch::merge(&mut pod, &change);
+        serde_json::from_value(pod).expect("a valid pod")
+    }
+
+    fn run(pod: &Pod, policies: &PolicySet, cluster: &StaticCluster) -> Result<Outcome, Denial> {
+        let sidecar = SidecarSettings::default();
+        inject(pod, &Inputs { namespace: "payments", sidecar: &sidecar, policies, cluster })
+    }
+
+    fn injected(outcome: Result<Outcome, Denial>) -> Injection {
+        match outcome {
+            Ok(Outcome::Injected(injection)) => injection,
+            other => panic!("expected an injection, got {other:?}"),
+        }
+    }
+
+    /// The pod after the injection's patch.
+    fn patched(pod: &Pod, injection: &Injection) -> Value {
+        let mut value = serde_json::to_value(pod).expect("pod serializes");
+        json_patch::patch(&mut value, &injection.patch).expect("the patch applies");
+        value
+    }
+
+    #[test]
+    fn only_the_label_true_asks_for_injection() {
+        let cases = [
+            (json!({"metadata": {"labels": null}}), true),
+            (json!({"metadata": {"labels": {INJECT_LABEL: "false"}}}), true),
+            (json!({"metadata": {"labels": {INJECT_LABEL: "True"}}}), true),
+            (json!({"metadata": {"labels": {INJECT_LABEL: "true"}}}), false),
+        ];
+        for (change, untouched) in cases {
+            let outcome = run(&pod(change.clone()), &open_policy(), &StaticCluster::default());
+            assert_eq!(matches!(outcome, Ok(Outcome::NotRequested)), untouched, "{change}: {outcome:?}");
+        }
+    }
+
+    #[test]
+    fn pod_shape_rules() {
+        let sidecar_named = json!({"spec": {"containers": [{"name": SIDECAR_CONTAINER, "image": "x"}]}});
+        let cases = [
+            (json!({"spec": null}), Err(Denial::NoSpec)),
+            (json!({"spec": {"hostNetwork": true}}), Err(Denial::HostNetwork)),
+            (sidecar_named.clone(), Err(Denial::ContainerNameTaken)),
+            (json!({"metadata": {"annotations": {UPSTREAMS_ANNOTATION: null}}}), Err(Denial::NoUpstreams)),
+        ];
+        for (change, expected) in cases {
+            let outcome = run(&pod(change.clone()), &open_policy(), &StaticCluster::default());
+            assert_eq!(outcome.map(|_| ()), expected, "{change}");
+        }
+        let mut already = sidecar_named;
+        json_patch::merge(&mut already, &json!({"metadata": {"annotations": {STATUS_ANNOTATION: "{}"}}}));
+        let outcome = run(&pod(already), &open_policy(), &StaticCluster::default());
+        assert_eq!(outcome, Ok(Outcome::AlreadyInjected));
+    }
+
+    #[test]
+    fn annotation_rules() {
+        let too_long = format!("orders={FUNCTION}/{}", "a".repeat(MAX_UPSTREAMS_LEN));
+        let cases: Vec<(Value, &str)> = vec![
+            (json!({UPSTREAMS_ANNOTATION: too_long}), "annotation_too_long"),
+            (json!({UPSTREAMS_ANNOTATION: "orders=http://plain.example.com/"}), "bad_upstreams"),
+            (json!({UPSTREAMS_ANNOTATION: format!("a={FUNCTION},a={FUNCTION}")}), "bad_upstreams"),
+            (json!({PORT_ANNOTATION: "80"}), "bad_port"),
+            (json!({PORT_ANNOTATION: "http"}), "bad_port"),
+            (json!({PORT_ANNOTATION: ADMIN_PORT.to_string()}), "bad_port"),
+            (json!({TOKEN_HEADER_ANNOTATION: "x-api-key"}), "bad_token_header"),
+            (json!({NATIVE_SIDECAR_ANNOTATION: "yes"}), "bad_native_sidecar"),
+            (json!({SERVICE_ACCOUNT_ANNOTATION: "invoker@example.com"}), "bad_service_account"),
+        ];
+        for (annotations, reason) in cases {
+            let outcome =
+                run(&pod(json!({"metadata": {"annotations": annotations}})), &open_policy(), &StaticCluster::default());
+            assert_eq!(outcome.as_ref().err().map(Denial::reason), Some(reason), "{annotations}: {outcome:?}");
+        }
+    }
+
+    #[test]
+    fn ports_of_other_containers_are_respected() {
+        let port = |port: u16| json!({"spec": {"containers": [{"name": "app", "image": "app", "ports": [{"containerPort": port}]}]}});
+        let cases = [
+            (port(DEFAULT_PORT), Some(Denial::PortClash { port: DEFAULT_PORT, container: "app".into() })),
+            (port(ADMIN_PORT), Some(Denial::AdminPortClash { port: ADMIN_PORT, container: "app".into() })),
+            (port(8080), None),
+        ];
+        for (change, expected) in cases {
+            let outcome = run(&pod(change.clone()), &open_policy(), &StaticCluster::default());
+            assert_eq!(outcome.err(), expected, "{change}");
+        }
+    }
+
+    #[test]
+    fn the_google_service_account_comes_from_pod_then_ksa_then_policy() {
+        let mut mapped = StaticCluster::default();
+        mapped.set_service_account("payments", "orders", Some(GSA.to_owned()));
+        let mut mapped_to_junk = StaticCluster::default();
+        mapped_to_junk.set_service_account("payments", "orders", Some("not-an-email".to_owned()));
+        let with_default = PolicySet::new(
+            vec![policy(
+                "payments",
+                &["*@client-project.iam.gserviceaccount.com"],
+                &["https://europe-west1-host-project.cloudfunctions.net/"],
+                |spec| {
+                    spec.default_service_account = Some(OTHER_GSA.to_owned());
+                },
+            )],
+            true,
+        );
+        let (open, empty) = (open_policy(), StaticCluster::default());
+        let no_pod_gsa = json!({"metadata": {"annotations": {SERVICE_ACCOUNT_ANNOTATION: null}}});
+        let other_pod_gsa = json!({"metadata": {"annotations": {SERVICE_ACCOUNT_ANNOTATION: OTHER_GSA}}});
+        let cases = vec![
+            ("pod annotation", json!({}), &with_default, &empty, Ok(GSA)),
+            ("KSA mapping", no_pod_gsa.clone(), &with_default, &mapped, Ok(GSA)),
+            ("policy default", no_pod_gsa.clone(), &with_default, &empty, Ok(OTHER_GSA)),
+            ("none at all", no_pod_gsa.clone(), &open, &empty, Err("no_service_account")),
+            ("KSA mapped elsewhere", other_pod_gsa, &open, &mapped, Err("ksa_conflict")),
+            ("KSA mapped to junk", no_pod_gsa, &open, &mapped_to_junk, Err("bad_service_account")),
+        ];
+        for (what, change, policies, cluster, expected) in cases {
+            let outcome = run(&pod(change), policies, cluster);
+            let got = outcome.map(|o| match o {
+                Outcome::Injected(injection) => injection.gsa,
+                other => format!("{other:?}"),
+            });
+            assert_eq!(got.as_deref().map_err(Denial::reason), expected, "{what}");
+        }
+    }
+
+    #[test]
+    fn policies_decide_gsa_upstreams_and_the_default_ksa() {
+        let strict = policy("strict", &[GSA], &["https://europe-west1-host-project.cloudfunctions.net/"], |_| {});
+        let lenient =
+            policy("lenient", &["*@client-project.iam.gserviceaccount.com"], &["https://*.a.run.app/"], |spec| {
+                spec.allow_default_ksa = true;
+            });
+        let both = PolicySet::new(vec![strict.clone(), lenient.clone()], true);
+        let run_app = json!({"metadata": {"annotations": {UPSTREAMS_ANNOTATION: "api=https://api-xyz.a.run.app/"}}});
+        let mixed = json!({"metadata": {"annotations": {UPSTREAMS_ANNOTATION: format!("api=https://api-xyz.a.run.app/,orders={FUNCTION}")}}});
+        let cases = vec![
+            ("no policy", json!({}), PolicySet::new(vec![], true), Err("no_policy")),
+            ("no policy, none required", json!({}), PolicySet::new(vec![], false), Ok(None)),
+            (
+                "GSA nobody allows",
+                json!({"metadata": {"annotations": {SERVICE_ACCOUNT_ANNOTATION: "x@elsewhere.iam.gserviceaccount.com"}}}),
+                both.clone(),
+                Err("service_account_not_allowed"),
+            ),
+            (
+                "upstream nobody allows",
+                json!({"metadata": {"annotations": {UPSTREAMS_ANNOTATION: "x=https://evil.example.com/"}}}),
+                both.clone(),
+                Err("upstream_not_allowed"),
+            ),
+            ("no single policy for all upstreams", mixed, both.clone(), Err("upstream_not_allowed")),
+            ("strict allows the function", json!({}), both.clone(), Ok(Some("strict"))),
+            ("lenient allows run.app", run_app, both.clone(), Ok(Some("lenient"))),
+            (
+                "default KSA refused",
+                json!({"spec": {"serviceAccountName": null}}),
+                PolicySet::new(vec![strict], true),
+                Err("default_ksa"),
+            ),
+            (
+                "default KSA allowed",
+                json!({"spec": {"serviceAccountName": "default"}, "metadata": {"annotations": {UPSTREAMS_ANNOTATION: "api=https://api-xyz.a.run.app/"}}}),
+                PolicySet::new(vec![lenient], true),
+                Ok(Some("lenient")),
+            ),
+        ];
+        for (what, change, policies, expected) in cases {
+            let outcome = run(&pod(change), &policies, &StaticCluster::default());
+            let got = outcome.map(|o| match o {
+                Outcome::Injected(injection) => injection.policy,
+                other => panic!("{what}: {other:?}"),
+            });
+            assert_eq!(got.as_ref().map(Option::as_deref).map_err(Denial::reason), expected, "{what}");
+        }
+    }
+
+    #[test]
+    fn service_accounts_are_annotated_only_when_unmapped_and_managed() {
+        let mut mapped = StaticCluster::default();
+        mapped.set_service_account("payments", "orders", Some(GSA.to_owned()));
+        let mut unmapped = StaticCluster::default();
+        unmapped.set_service_account("payments", "orders", None);
+        let unmanaged = PolicySet::new(
+            vec![policy(
+                "payments",
+                &["*@client-project.iam.gserviceaccount.com"],
+                &["https://europe-west1-host-project.cloudfunctions.net/"],
+                |spec| {
+                    spec.manage_service_accounts = false;
+                },
+            )],
+            true,
+        );
+        let annotate = ServiceAccountChange::Annotate { name: "orders".into(), gsa: GSA.into() };
+        let cases = [
+            ("mapped", open_policy(), &mapped, ServiceAccountChange::None, false),
+            ("unmapped", open_policy(), &unmapped, annotate.clone(), false),
+            ("missing", open_policy(), &StaticCluster::default(), annotate, false),
+            ("unmanaged", unmanaged, &unmapped, ServiceAccountChange::None, true),
+        ];
+        for (what, policies, cluster, change, warned) in cases {
+            let injection = injected(run(&pod(json!({})), &policies, cluster));
+            assert_eq!(injection.service_account, change, "{what}");
+            let warning = injection.warnings.iter().any(|w| w.contains("does not manage ServiceAccounts"));
+            assert_eq!(warning, warned, "{what}: {:?}", injection.warnings);
+        }
+    }
+
+    #[test]
+    fn the_sidecar_goes_first_native_or_regular() {
+        let init = json!({"spec": {"initContainers": [{"name": "migrate", "image": "m"}]}});
+        let regular = json!({"metadata": {"annotations": {NATIVE_SIDECAR_ANNOTATION: "false"}}});
+        let cases = [
+            (json!({}), "/spec/initContainers/0", true),
+            (init.clone(), "/spec/initContainers/0", true),
+            (regular, "/spec/containers/0", false),
+        ];
+        for (change, pointer, native) in cases {
+            let pod = pod(change.clone());
+            let value = patched(&pod, &injected(run(&pod, &open_policy(), &StaticCluster::default())));
+            let sidecar = value.pointer(pointer).expect("the sidecar is there");
+            assert_eq!(sidecar["name"], SIDECAR_CONTAINER, "{change}");
+            assert_eq!(sidecar["restartPolicy"] == "Always", native, "{change}");
+            assert_eq!(sidecar["securityContext"]["runAsNonRoot"], true);
+            assert_eq!(value["spec"]["nodeSelector"][GKE_METADATA_NODE_LABEL], "true");
+        }
+        let mut job = init;
+        json_patch::merge(
+            &mut job,
+            &json!({"spec": {"restartPolicy": "Never"}, "metadata": {"annotations": {NATIVE_SIDECAR_ANNOTATION: "false"}}}),
+        );
+        let warnings = injected(run(&pod(job), &open_policy(), &StaticCluster::default())).warnings;
+        assert!(warnings.iter().any(|w| w.contains("never completes")), "{warnings:?}");
+        assert!(warnings.iter().any(|w| w.contains("init containers run before it")), "{warnings:?}");
+    }
+
+    #[test]
+    fn app_containers_get_the_urls_except_skipped_and_user_set_ones() {
+        let change = json!({
+            "metadata": {"annotations": {SKIP_CONTAINERS_ANNOTATION: "batch,ghost"}},
+            "spec": {
+                "initContainers": [{"name": "migrate", "image": "m"}],
+                "containers": [
+                    {"name": "app", "image": "app", "env": [{"name": "WIPROXY_URL", "value": "mine"}]},
+                    {"name": "batch", "image": "b"},
+                ],
+            },
+        });
+        let pod = pod(change);
+        let injection = injected(run(&pod, &open_policy(), &StaticCluster::default()));
+        let value = patched(&pod, &injection);
+        let env = |pointer: &str| -> Vec<(String, String)> {
+            value
+                .pointer(pointer)
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .map(|e| {
+                    (
+                        e["name"].as_str().unwrap_or_default().to_owned(),
+                        e["value"].as_str().unwrap_or_default().to_owned(),
+                    )
+                })
+                .collect()
+        };
+        let base = format!("http://127.0.0.1:{DEFAULT_PORT}");
+        assert_eq!(
+            env("/spec/containers/0/env"),
+            vec![("WIPROXY_URL".into(), "mine".into()), ("WIPROXY_ORDERS_URL".into(), format!("{base}/orders"))]
+        );
+        assert_eq!(env("/spec/containers/1/env"), vec![], "batch is skipped");
+        // The native sidecar is init container 0 now; the user's init container moved to 1.
+        assert_eq!(
+            env("/spec/initContainers/1/env"),
+            vec![("WIPROXY_URL".into(), base.clone()), ("WIPROXY_ORDERS_URL".into(), format!("{base}/orders"))]
+        );
+        assert!(injection.warnings.iter().any(|w| w.contains("already sets WIPROXY_URL")), "{:?}", injection.warnings);
+        assert!(
+            injection.warnings.iter().any(|w| w.contains("no container named \"ghost\"")),
+            "{:?}",
+            injection.warnings
+        );
+    }
+
+    #[test]
+    fn an_injected_pod_is_left_alone_the_second_time() {
+        let pod = pod(json!({}));
+        let value = patched(&pod, &injected(run(&pod, &open_policy(), &StaticCluster::default())));
+        let again: Pod = serde_json::from_value(value).expect("the patched pod is a Pod");
+        assert_eq!(run(&again, &open_policy(), &StaticCluster::default()), Ok(Outcome::AlreadyInjected));
+    }
+
+    #[test]
+    fn likely_mistakes_are_warnings() {
+        let cases = [
+            ("fn=https://europe-west1-host-project.cloudfunctions.net/orders;audience=https://europe-west1-host-project.cloudfunctions.net".to_owned(), "is the host alone"),
+            (format!("fn={FUNCTION};audience={FUNCTION}?x=1"), "query or fragment"),
+        ];
+        for (upstreams, warning) in cases {
+            let injection = injected(run(
+                &pod(json!({"metadata": {"annotations": {UPSTREAMS_ANNOTATION: upstreams}}})),
+                &open_policy(),
+                &StaticCluster::default(),
+            ));
+            assert!(injection.warnings.iter().any(|w| w.contains(warning)), "{warning}: {:?}", injection.warnings);
+        }
+    }
 }

@@ -7,20 +7,20 @@ pub mod cluster;
 pub mod config;
 pub mod denial;
 pub mod inject;
-pub mod live;
 pub mod metrics;
 pub mod policy;
 pub mod policy_status;
 pub mod render;
+pub mod review;
 pub mod server;
 pub mod tls;
+pub mod workload;
 pub mod yaml;
 
 use std::sync::Arc;
 
-use cluster::ClusterView;
+use cluster::{Cluster, StaticCluster};
 use inject::SidecarSettings;
-use live::LiveCluster;
 use policy::PolicySet;
 use policy_status::Policies;
 
@@ -28,14 +28,12 @@ use policy_status::Policies;
 pub struct Webhook {
     pub sidecar: SidecarSettings,
     pub policies: Arc<Policies>,
-    pub cluster: Arc<dyn ClusterView>,
-    /// The Kubernetes API, when the webhook runs in a cluster rather than from files.
-    pub live: Option<Arc<LiveCluster>>,
+    pub cluster: Cluster,
 }
 
 impl Webhook {
     /// A webhook deciding from fixed policies and cluster state, with no Kubernetes API.
-    pub fn offline(sidecar: SidecarSettings, policies: PolicySet, cluster: Arc<dyn ClusterView>) -> Self {
-        Self { sidecar, policies: Arc::new(Policies::new(policies)), cluster, live: None }
+    pub fn from_files(sidecar: SidecarSettings, policies: PolicySet, cluster: StaticCluster) -> Self {
+        Self { sidecar, policies: Arc::new(Policies::new(policies)), cluster: Cluster::Files(cluster) }
     }
 }

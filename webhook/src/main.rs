@@ -1,19 +1,19 @@
 use std::io::Write;
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{anyhow, Context};
 use clap::Parser;
-use tracing_subscriber::EnvFilter;
-use wiproxy_webhook::cluster::StaticCluster;
-use wiproxy_webhook::config::{Cli, Command, LogFormat, NativeSidecars, RenderArgs, ServeArgs};
-use wiproxy_webhook::live::{self, LiveCluster};
-use wiproxy_webhook::policy::PolicySet;
+use wiproxy_common::logging::{self, LogFormat};
+use wiproxy_webhook::cluster::{Cluster, LiveCluster, StaticCluster};
+use wiproxy_webhook::config::{Cli, Command, Mode, NativeSidecars, RenderArgs, ServeArgs, ServingCertificate};
+use wiproxy_webhook::policy::{Policy, PolicySet};
 use wiproxy_webhook::policy_status::{self, Policies};
 use wiproxy_webhook::render;
 use wiproxy_webhook::server::{self, ServeConfig};
 use wiproxy_webhook::tls::ReloadingCertificate;
-use wiproxy_webhook::{certs, yaml, Webhook};
+use wiproxy_webhook::{certs, cluster, yaml, Webhook};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -23,11 +23,11 @@ fn main() -> ExitCode {
     }
     let result = match cli.command {
         Command::Serve(args) => {
-            init_logging(&cli.log, cli.log_format);
+            logging::init(&cli.log, cli.log_format);
             serve(args)
         }
         Command::Render(args) => {
-            init_logging(&cli.log, LogFormat::Text);
+            logging::init(&cli.log, LogFormat::Text);
             return render_command(args);
         }
         Command::Crd => {
@@ -44,106 +44,97 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(filter: &str, format: LogFormat) {
-    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().flatten_event(true).with_span_list(false).init(),
-        LogFormat::Text => builder.init(),
-    }
-}
-
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(serve_async(args))
 }
 
-async fn serve_async(args: ServeArgs) -> anyhow::Result<()> {
-    let required = args.shared.policy_required;
-    let file_policies = match &args.shared.policy_file {
-        Some(path) => Some(yaml::load_policies(path)?),
-        None => None,
-    };
-    let self_signed = args.self_signed().map_err(|e| anyhow!(e))?;
-    let from_files = || match (&args.tls_cert_file, &args.tls_key_file) {
-        (Some(cert), Some(key)) => {
-            ReloadingCertificate::load(cert, key).map(Some).context("loading --tls-cert-file/--tls-key-file")
-        }
-        _ => Ok(None),
-    };
+/// What a run mode starts: the webhook, what `/readyz` waits for, and the serving pair.
+struct Started {
+    webhook: Webhook,
+    synced: Option<server::Synced>,
+    certificate: Arc<ReloadingCertificate>,
+}
 
-    let (webhook, synced, certificate): (Webhook, Option<server::Synced>, Arc<ReloadingCertificate>) = match &args
-        .shared
-        .cluster_file
-    {
-        // No Kubernetes API at all: policies and cluster state from files.
-        Some(path) => {
-            let Some(policies) = file_policies.or_else(|| (!required).then(Vec::new)) else {
-                return Err(anyhow!("--cluster-file needs --policy-file (or --policy-required=false): there is no cluster to read policies from"));
-            };
-            let documents = yaml::parse_stream(&yaml::read_file(path)?, &path.display().to_string())?;
-            let mut cluster = StaticCluster::default();
-            cluster.add_documents(&documents, "default");
-            // Without an API server to ask, `auto` assumes Kubernetes 1.29 or newer, as every supported GKE version is.
-            let native = args.native_sidecars != NativeSidecars::Never;
-            let sidecar = args.shared.sidecar(native).map_err(|e| anyhow!(e))?;
-            if self_signed.is_some() {
-                return Err(anyhow!("--self-signed-secret needs the Kubernetes API: give --tls-cert-file and --tls-key-file with --cluster-file"));
-            }
-            tracing::info!(policies = policies.len(), native, "running from files, without the Kubernetes API");
-            let certificate = from_files()?.ok_or_else(|| anyhow!("give --tls-cert-file and --tls-key-file"))?;
-            (
-                Webhook::offline(sidecar, PolicySet::new(policies, required), Arc::new(cluster)),
-                None,
-                Arc::new(certificate),
-            )
-        }
-        None => {
-            let client = kube::Client::try_default()
-                .await
-                .context("connecting to the Kubernetes API (in-cluster or KUBECONFIG); pass --cluster-file and --policy-file to run without one")?;
-            let native = match args.native_sidecars {
-                NativeSidecars::Always => true,
-                NativeSidecars::Never => false,
-                NativeSidecars::Auto => live::supports_native_sidecars(&client)
-                    .await
-                    .context("reading the API server version for --native-sidecars auto")?,
-            };
-            let sidecar = args.shared.sidecar(native).map_err(|e| anyhow!(e))?;
-            let cluster = Arc::new(LiveCluster::watch(client.clone()));
-            let policies = Arc::new(Policies::new(PolicySet::new(file_policies.clone().unwrap_or_default(), required)));
-            let policy_store =
-                file_policies.is_none().then(|| policy_status::watch(client.clone(), policies.clone(), required));
-            tracing::info!(native, policies_from_file = policy_store.is_none(), "running in the cluster");
-            let watched = cluster.clone();
-            let synced: server::Synced = Box::pin(async move {
-                watched.synced().await;
-                if let Some(store) = policy_store {
-                    let _ = store.wait_until_ready().await;
-                }
-            });
-            let webhook = Webhook { sidecar, policies, cluster: cluster.clone(), live: Some(cluster) };
-            let certificate = match &self_signed {
-                Some(config) => self_signed_certificate(&client, config).await,
-                None => Arc::new(
-                    from_files()?
-                        .ok_or_else(|| anyhow!("give --tls-cert-file and --tls-key-file, or --self-signed-secret"))?,
-                ),
-            };
-            (webhook, Some(synced), certificate)
-        }
+async fn serve_async(args: ServeArgs) -> anyhow::Result<()> {
+    let mode = args.mode().map_err(|e| anyhow!(e))?;
+    let file_policies = args.shared.policy_file.as_deref().map(yaml::load_policies).transpose()?;
+    let started = match mode {
+        Mode::Files { cluster_file, cert, key } => from_files(&args, file_policies, &cluster_file, &cert, &key)?,
+        Mode::Cluster { certificate } => in_cluster(&args, file_policies, certificate).await?,
     };
-    tracing::info!(image = %webhook.sidecar.image, "configured");
+    tracing::info!(image = %started.webhook.sidecar.image, "configured");
     let config = ServeConfig {
         listen: args.listen,
         admin_listen: args.admin_listen,
-        certificate,
-        watch_certificate_files: self_signed.is_none(),
+        certificate: started.certificate,
         tls_reload_interval: args.tls_reload_interval(),
         drain_timeout: args.drain_timeout(),
-        webhook,
+        webhook: started.webhook,
     };
-    server::run(config, synced).await
+    server::run(config, started.synced).await
+}
+
+/// No Kubernetes API at all: policies and cluster state from files.
+fn from_files(
+    args: &ServeArgs,
+    policies: Option<Vec<Policy>>,
+    cluster_file: &Path,
+    cert: &Path,
+    key: &Path,
+) -> anyhow::Result<Started> {
+    let policies = policies.unwrap_or_default();
+    let documents = yaml::parse_stream(&yaml::read_file(cluster_file)?, &cluster_file.display().to_string())?;
+    let mut cluster = StaticCluster::default();
+    cluster.add_documents(&documents, "default");
+    // Without an API server to ask, `auto` assumes Kubernetes 1.29 or newer, as every supported GKE version is.
+    let native = args.native_sidecars != NativeSidecars::Never;
+    let sidecar = args.shared.sidecar(native).map_err(|e| anyhow!(e))?;
+    tracing::info!(policies = policies.len(), native, "running from files, without the Kubernetes API");
+    let certificate = ReloadingCertificate::load(cert, key).context("loading --tls-cert-file/--tls-key-file")?;
+    let webhook = Webhook::from_files(sidecar, PolicySet::new(policies, args.shared.policy_required), cluster);
+    Ok(Started { webhook, synced: None, certificate: Arc::new(certificate) })
+}
+
+/// In a cluster: reflector stores, policies watched (unless from a file), the serving pair from
+/// files or the self-signed Secret.
+async fn in_cluster(
+    args: &ServeArgs,
+    file_policies: Option<Vec<Policy>>,
+    certificate: ServingCertificate,
+) -> anyhow::Result<Started> {
+    let required = args.shared.policy_required;
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (in-cluster or KUBECONFIG); pass --cluster-file and --policy-file to run without one")?;
+    let native = match args.native_sidecars {
+        NativeSidecars::Always => true,
+        NativeSidecars::Never => false,
+        NativeSidecars::Auto => cluster::live::supports_native_sidecars(&client)
+            .await
+            .context("reading the API server version for --native-sidecars auto")?,
+    };
+    let sidecar = args.shared.sidecar(native).map_err(|e| anyhow!(e))?;
+    let live = Arc::new(LiveCluster::watch(client.clone()));
+    let policies = Arc::new(Policies::new(PolicySet::new(file_policies.clone().unwrap_or_default(), required)));
+    let policy_store =
+        file_policies.is_none().then(|| policy_status::watch(client.clone(), policies.clone(), required));
+    tracing::info!(native, policies_from_file = policy_store.is_none(), "running in the cluster");
+    let watched = live.clone();
+    let synced: server::Synced = Box::pin(async move {
+        watched.synced().await;
+        if let Some(store) = policy_store {
+            let _ = store.wait_until_ready().await;
+        }
+    });
+    let certificate = match certificate {
+        ServingCertificate::SelfSigned(config) => self_signed_certificate(&client, &config).await,
+        ServingCertificate::Files { cert, key } => {
+            Arc::new(ReloadingCertificate::load(&cert, &key).context("loading --tls-cert-file/--tls-key-file")?)
+        }
+    };
+    let webhook = Webhook { sidecar, policies, cluster: Cluster::Live(live) };
+    Ok(Started { webhook, synced: Some(synced), certificate })
 }
 
 /// Self-signed mode: the pair from the Secret (created if absent), retried until the API answers,
@@ -175,8 +166,7 @@ async fn self_signed_certificate(client: &kube::Client, config: &certs::SelfSign
 }
 
 fn render_command(args: RenderArgs) -> ExitCode {
-    let rendered =
-        render::load(&args).and_then(|(input, source_name, options)| render::render(&input, &source_name, &options));
+    let rendered = args.load().and_then(|job| render::render(&job.input, &job.source_name, &job.options));
     match rendered {
         Ok(rendered) => {
             for warning in &rendered.warnings {

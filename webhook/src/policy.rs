@@ -261,7 +261,7 @@ pub struct PolicySet {
 
 /// What the policies decided for one pod.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Verdict {
+pub struct Allowance {
     /// The policy that allows the pod; `None` when no policy selects the namespace and none is required.
     pub policy: Option<String>,
     pub manage_service_accounts: bool,
@@ -292,19 +292,19 @@ impl PolicySet {
 
     /// Decides for a pod acting as `gsa` and calling `upstreams`: allowed when one policy that
     /// selects the namespace allows the GSA and every upstream.
-    pub fn evaluate(&self, selecting: &[&Policy], gsa: &str, upstreams: &[Upstream]) -> Result<Verdict, Refusal> {
+    pub fn allow(&self, selecting: &[&Policy], gsa: &str, upstreams: &[Upstream]) -> Result<Allowance, Refusal> {
         if selecting.is_empty() {
             return if self.required {
                 Err(Refusal::NoPolicy)
             } else {
-                Ok(Verdict { policy: None, manage_service_accounts: true })
+                Ok(Allowance { policy: None, manage_service_accounts: true })
             };
         }
         if let Some(policy) = selecting
             .iter()
             .find(|p| p.allows_service_account(gsa) && upstreams.iter().all(|u| p.allows_upstream(u.parsed.as_str())))
         {
-            return Ok(Verdict {
+            return Ok(Allowance {
                 policy: Some(policy.name.clone()),
                 manage_service_accounts: policy.manage_service_accounts,
             });
@@ -425,31 +425,31 @@ mod tests {
         let selecting = [&a, &b];
         let one = parse_upstreams("x=https://b.example.com/x").expect("valid");
         assert_eq!(
-            set.evaluate(&selecting, gsa, &one),
-            Ok(Verdict { policy: Some("b".into()), manage_service_accounts: true })
+            set.allow(&selecting, gsa, &one),
+            Ok(Allowance { policy: Some("b".into()), manage_service_accounts: true })
         );
         let both = parse_upstreams("x=https://a.example.com/x,y=https://b.example.com/y").expect("valid");
         assert_eq!(
-            set.evaluate(&selecting, gsa, &both),
+            set.allow(&selecting, gsa, &both),
             Err(Refusal::NoSinglePolicy { policies: vec!["a".into(), "b".into()] })
         );
         let bare = parse_upstreams("x=https://B.example.com").expect("valid");
-        assert!(set.evaluate(&selecting, gsa, &bare).is_ok(), "a URL without a path lies under https://host/");
+        assert!(set.allow(&selecting, gsa, &bare).is_ok(), "a URL without a path lies under https://host/");
         let climbing = parse_upstreams("x=https://b.example.com/x/../../y").expect("valid");
-        assert!(set.evaluate(&selecting, gsa, &climbing).is_ok());
+        assert!(set.allow(&selecting, gsa, &climbing).is_ok());
         let escape = parse_upstreams("x=https://b.example.com.evil.com/").expect("valid");
-        assert!(set.evaluate(&selecting, gsa, &escape).is_err());
+        assert!(set.allow(&selecting, gsa, &escape).is_err());
         let elsewhere = parse_upstreams("x=https://c.example.com/x").expect("valid");
         assert!(
-            matches!(set.evaluate(&selecting, gsa, &elsewhere), Err(Refusal::Upstream { upstream, .. }) if upstream == "x")
+            matches!(set.allow(&selecting, gsa, &elsewhere), Err(Refusal::Upstream { upstream, .. }) if upstream == "x")
         );
         assert!(matches!(
-            set.evaluate(&selecting, "x@other.iam.gserviceaccount.com", &one),
+            set.allow(&selecting, "x@other.iam.gserviceaccount.com", &one),
             Err(Refusal::ServiceAccount { .. })
         ));
-        assert_eq!(set.evaluate(&[], gsa, &one), Err(Refusal::NoPolicy));
+        assert_eq!(set.allow(&[], gsa, &one), Err(Refusal::NoPolicy));
         let optional = PolicySet::new(vec![], false);
-        assert_eq!(optional.evaluate(&[], gsa, &one), Ok(Verdict { policy: None, manage_service_accounts: true }));
+        assert_eq!(optional.allow(&[], gsa, &one), Ok(Allowance { policy: None, manage_service_accounts: true }));
     }
 
     #[test]

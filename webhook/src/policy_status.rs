@@ -12,7 +12,7 @@ use kube::Client;
 use serde_json::{json, Value};
 use tracing::{info, warn};
 
-use crate::live::MANAGER;
+use crate::cluster::live::MANAGER;
 use crate::policy::{Policy, PolicySet, TokenProxyPolicy};
 
 /// The policies in force, replaced whole when they change.
@@ -36,29 +36,29 @@ impl Policies {
 }
 
 /// Whether one policy object can be used: `Err` holds the problem, as its `Invalid` condition says it.
-pub type Verdict = Result<(), String>;
+pub type Validity = Result<(), String>;
 
 /// The usable policies among `objects`, and for each object (by name) whether it is usable.
-pub fn evaluate(objects: &[Arc<TokenProxyPolicy>], required: bool) -> (PolicySet, Vec<(String, Verdict)>) {
+pub fn usable_policies(objects: &[Arc<TokenProxyPolicy>], required: bool) -> (PolicySet, Vec<(String, Validity)>) {
     let mut usable = Vec::new();
-    let mut verdicts = Vec::new();
+    let mut validities = Vec::new();
     for object in objects {
         let name = object.metadata.name.clone().unwrap_or_default();
         match Policy::new(object) {
             Ok(policy) => {
                 usable.push(policy);
-                verdicts.push((name, Ok(())));
+                validities.push((name, Ok(())));
             }
-            Err(e) => verdicts.push((name, Err(e.to_string()))),
+            Err(e) => validities.push((name, Err(e.to_string()))),
         }
     }
-    (PolicySet::new(usable, required), verdicts)
+    (PolicySet::new(usable, required), validities)
 }
 
-/// The status merge patch that brings the `Ready` condition in line with `verdict`, or `None`
+/// The status merge patch that brings the `Ready` condition in line with `validity`, or `None`
 /// when it already says that.
-pub fn status_patch(policy: &TokenProxyPolicy, verdict: &Verdict, now: Time) -> Option<Value> {
-    let (status, reason, message) = match verdict {
+pub fn status_patch(policy: &TokenProxyPolicy, validity: &Validity, now: Time) -> Option<Value> {
+    let (status, reason, message) = match validity {
         Ok(()) => ("True", "Valid", "the policy is in force".to_owned()),
         Err(problem) => ("False", "Invalid", problem.clone()),
     };
@@ -91,9 +91,9 @@ pub fn status_patch(policy: &TokenProxyPolicy, verdict: &Verdict, now: Time) -> 
 pub async fn write_status(
     api: &Api<TokenProxyPolicy>,
     policy: &TokenProxyPolicy,
-    verdict: &Verdict,
+    validity: &Validity,
 ) -> Result<bool, kube::Error> {
-    let Some(patch) = status_patch(policy, verdict, Time(k8s_openapi::jiff::Timestamp::now())) else {
+    let Some(patch) = status_patch(policy, validity, Time(k8s_openapi::jiff::Timestamp::now())) else {
         return Ok(false);
     };
     let name = policy.metadata.name.clone().unwrap_or_default();
@@ -115,12 +115,12 @@ pub fn watch(client: Client, policies: Arc<Policies>, required: bool) -> Store<T
                 Ok(touched) => touched,
                 Err(e) => return warn!(error = %e, "TokenProxyPolicy watch failed; retrying"),
             };
-            let (set, verdicts) = evaluate(&reader.state(), required);
+            let (set, validities) = usable_policies(&reader.state(), required);
             policies.replace(set);
             let name = touched.metadata.name.clone().unwrap_or_default();
-            if let Some((_, verdict)) = verdicts.iter().find(|(n, _)| *n == name) {
-                match write_status(&api, &touched, verdict).await {
-                    Ok(true) => info!(policy = %name, valid = verdict.is_ok(), "policy status written"),
+            if let Some((_, validity)) = validities.iter().find(|(n, _)| *n == name) {
+                match write_status(&api, &touched, validity).await {
+                    Ok(true) => info!(policy = %name, valid = validity.is_ok(), "policy status written"),
                     Ok(false) => {}
                     Err(e) => warn!(policy = %name, error = %e, "cannot write the policy status"),
                 }
@@ -163,11 +163,11 @@ mod tests {
             ),
             object("bad-glob", json!({"namespaceSelector": {}, "serviceAccounts": ["no-at-sign"]}), json!({})),
         ];
-        let (set, verdicts) = evaluate(&objects, true);
+        let (set, validities) = usable_policies(&objects, true);
         assert_eq!(set.selecting(&Default::default()).len(), 1, "only the valid policy is in force");
-        assert_eq!(verdicts[0].1, Ok(()));
-        assert!(verdicts[1].1.as_ref().is_err_and(|e| e.contains("spec.namespaceSelector")), "{:?}", verdicts[1]);
-        assert!(verdicts[2].1.as_ref().is_err_and(|e| e.contains("spec.serviceAccounts[0]")), "{:?}", verdicts[2]);
+        assert_eq!(validities[0].1, Ok(()));
+        assert!(validities[1].1.as_ref().is_err_and(|e| e.contains("spec.namespaceSelector")), "{:?}", validities[1]);
+        assert!(validities[2].1.as_ref().is_err_and(|e| e.contains("spec.serviceAccounts[0]")), "{:?}", validities[2]);
     }
 
     #[test]
@@ -178,10 +178,10 @@ mod tests {
         assert_eq!(patch["status"]["conditions"][0]["lastTransitionTime"], "2026-11-29T10:00:00Z");
 
         let ready = object("p", json!({"namespaceSelector": {}}), patch["status"].clone());
-        assert_eq!(status_patch(&ready, &Ok(()), time("2026-11-29T11:00:00Z")), None, "same verdict, no write");
+        assert_eq!(status_patch(&ready, &Ok(()), time("2026-11-29T11:00:00Z")), None, "same condition, no write");
 
         let broken = status_patch(&ready, &Err("spec.upstreams[0]: bad".into()), time("2026-11-29T12:00:00Z"))
-            .expect("a new verdict");
+            .expect("a new condition");
         let condition = &broken["status"]["conditions"][0];
         assert_eq!((condition["status"].as_str(), condition["reason"].as_str()), (Some("False"), Some("Invalid")));
         assert_eq!(condition["lastTransitionTime"], "2026-11-29T12:00:00Z");

@@ -2,16 +2,14 @@
 //! are injected, ServiceAccounts get their Workload Identity annotation, everything else passes
 //! through byte for byte, and rendering the output again changes nothing.
 
-use std::io::Read;
-
+use k8s_openapi::api::core::v1::ServiceAccount;
 use serde_json::{json, Value};
 use wiproxy_common::GKE_SERVICE_ACCOUNT_ANNOTATION;
 
-use crate::admission::template_pointer;
 use crate::cluster::StaticCluster;
-use crate::config::{RenderArgs, RenderNativeSidecars};
 use crate::inject::{inject, Inputs, Outcome, ServiceAccountChange, SidecarSettings};
 use crate::policy::{Policy, PolicySet};
+use crate::workload::{pod_value, TypeKey, WorkloadKind};
 use crate::yaml::{self, FileError};
 
 /// What `render` works with besides the manifests.
@@ -46,35 +44,14 @@ pub enum RenderError {
     Denied(Vec<String>),
 }
 
-/// Reads what the command line names: the manifests (`-` for standard input) with a name for
-/// messages, and the options.
-pub fn load(args: &RenderArgs) -> Result<(String, String, RenderOptions), RenderError> {
-    let (input, source_name) = if args.file.as_os_str() == "-" {
-        let mut text = String::new();
-        std::io::stdin().read_to_string(&mut text).map_err(RenderError::Stdin)?;
-        (text, "<stdin>".to_owned())
-    } else {
-        (yaml::read_file(&args.file)?, args.file.display().to_string())
-    };
-    let policies = match &args.shared.policy_file {
-        Some(path) => yaml::load_policies(path)?,
-        None => Vec::new(),
-    };
-    let cluster = match &args.shared.cluster_file {
-        Some(path) => yaml::parse_stream(&yaml::read_file(path)?, &path.display().to_string())?,
-        None => Vec::new(),
-    };
-    let native = args.native_sidecars == RenderNativeSidecars::Always;
-    let options = RenderOptions {
-        namespace: args.namespace.clone(),
-        sidecar: args.shared.sidecar(native).map_err(RenderError::Config)?,
-        policies,
-        policy_required: args.shared.policy_required,
-        cluster,
-    };
-    Ok((input, source_name, options))
+/// The manifests to render, with the name messages give them, and how to render them.
+pub struct RenderJob {
+    pub input: String,
+    pub source_name: String,
+    pub options: RenderOptions,
 }
 
+/// One document of the input: its exact text, and its value once parsed.
 struct Entry {
     separator: String,
     text: String,
@@ -103,21 +80,17 @@ pub fn render(input: &str, source_name: &str, options: &RenderOptions) -> Result
 
     let mut rendered = Rendered::default();
     let mut denials = Vec::new();
-    // (namespace given explicitly?, namespace, name, gsa)
-    let mut annotate: Vec<(Option<String>, String, String, String)> = Vec::new();
+    let mut mappings: Vec<Mapping> = Vec::new();
 
     for entry in &mut entries {
         let Some(doc) = entry.value.as_mut() else { continue };
-        let kind = doc["kind"].as_str().unwrap_or_default().to_owned();
-        let Some(pointer) = template_pointer(doc["apiVersion"].as_str().unwrap_or_default(), &kind) else {
-            continue;
-        };
+        let key = TypeKey::of(doc);
+        let Some(kind) = WorkloadKind::of(&key) else { continue };
         let explicit_namespace = doc["metadata"]["namespace"].as_str().map(str::to_owned);
         let namespace = explicit_namespace.clone().unwrap_or_else(|| options.namespace.clone());
-        let what = format!("{kind}/{}", doc["metadata"]["name"].as_str().unwrap_or("<unnamed>"));
-        let Some(template) = doc.pointer_mut(pointer) else { continue };
-        let pod_value = json!({"metadata": template["metadata"].clone(), "spec": template["spec"].clone()});
-        let pod = match serde_json::from_value(pod_value) {
+        let what = format!("{}/{}", key.kind, doc["metadata"]["name"].as_str().unwrap_or("<unnamed>"));
+        let Some(template) = doc.pointer_mut(kind.template_pointer()) else { continue };
+        let pod = match serde_json::from_value(pod_value(template)) {
             Ok(pod) => pod,
             Err(e) => {
                 denials.push(format!("{what} (namespace {namespace}): the pod template is not valid: {e}"));
@@ -138,7 +111,7 @@ pub fn render(input: &str, source_name: &str, options: &RenderOptions) -> Result
                 if let ServiceAccountChange::Annotate { name, gsa } = injection.service_account {
                     // Later workloads of the same ServiceAccount see the mapping this one needs.
                     cluster.set_service_account(&namespace, &name, Some(gsa.clone()));
-                    annotate.push((explicit_namespace, namespace, name, gsa));
+                    mappings.push(Mapping { explicit_namespace, namespace, name, gsa });
                 }
             }
             Err(denial) => denials.push(format!("{what} (namespace {namespace}): {denial}")),
@@ -149,11 +122,10 @@ pub fn render(input: &str, source_name: &str, options: &RenderOptions) -> Result
     }
 
     let mut added = Vec::new();
-    for (explicit_namespace, namespace, name, gsa) in annotate {
+    for Mapping { explicit_namespace, namespace, name, gsa } in mappings {
         let existing = entries.iter_mut().find(|e| {
             e.value.as_ref().is_some_and(|v| {
-                v["apiVersion"] == "v1"
-                    && v["kind"] == "ServiceAccount"
+                TypeKey::of(v).is::<ServiceAccount>()
                     && v["metadata"]["name"] == name.as_str()
                     && v["metadata"]["namespace"].as_str().unwrap_or(&options.namespace) == namespace
             })
@@ -194,6 +166,15 @@ pub fn render(input: &str, source_name: &str, options: &RenderOptions) -> Result
         rendered.output.push_str(&to_yaml(&value));
     }
     Ok(rendered)
+}
+
+/// A ServiceAccount the rendered workloads need mapped to their Google service account.
+struct Mapping {
+    /// The workload's own `metadata.namespace`, copied to a ServiceAccount document added for it.
+    explicit_namespace: Option<String>,
+    namespace: String,
+    name: String,
+    gsa: String,
 }
 
 fn to_yaml(value: &Value) -> String {

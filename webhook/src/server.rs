@@ -15,11 +15,12 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
-use tracing::{debug, info, info_span, warn};
+use tracing::field::Empty;
+use tracing::{debug, info, info_span, warn, Instrument};
 
-use crate::admission::{review, validate, ReviewError};
-use crate::inject::ServiceAccountChange;
+use crate::admission;
 use crate::metrics::Metrics;
+use crate::review::Endpoint;
 use crate::tls::ReloadingCertificate;
 use crate::Webhook;
 
@@ -80,21 +81,6 @@ async fn not_found() -> Response {
     )
 }
 
-#[derive(Clone, Copy)]
-enum Endpoint {
-    Mutate,
-    Validate,
-}
-
-impl Endpoint {
-    fn name(self) -> &'static str {
-        match self {
-            Self::Mutate => "mutate",
-            Self::Validate => "validate",
-        }
-    }
-}
-
 async fn handle(State(state): State<AppState>, request: Request, endpoint: Endpoint) -> Response {
     let started = Instant::now();
     let body = match axum::body::to_bytes(request.into_body(), state.max_body_bytes).await {
@@ -111,31 +97,25 @@ async fn handle(State(state): State<AppState>, request: Request, endpoint: Endpo
             };
         }
     };
-    let answered = match endpoint {
-        Endpoint::Mutate => review(&state.webhook, &body).await,
-        Endpoint::Validate => validate(&state.webhook, &body).await,
-    };
-    match answered {
-        Ok((response, summary)) => {
-            let span = info_span!("review", webhook = endpoint.name(), uid = %summary.uid, ns = %summary.namespace, object = %summary.name);
+    let span = info_span!("review", webhook = endpoint.name(), uid = Empty, ns = Empty, object = Empty);
+    match admission::answer(&state.webhook, endpoint, &body).instrument(span.clone()).await {
+        Ok((response, decision)) => {
+            let labels = decision.labels();
             span.in_scope(|| {
-                info!(result = summary.result, reason = summary.reason, "reviewed");
-                if let (ServiceAccountChange::Annotate { name, gsa }, None) = (&summary.service_account, &state.webhook.live) {
-                    info!(ksa = %name, %gsa, "ServiceAccount needs the Workload Identity annotation; no Kubernetes API in file mode, left to the operator");
-                }
+                info!(
+                    result = labels.result,
+                    reason = labels.reason,
+                    gsa = labels.gsa,
+                    policy = labels.policy,
+                    "reviewed"
+                );
             });
-            state.metrics.review(endpoint.name(), summary.result, summary.reason, started.elapsed().as_secs_f64());
+            state.metrics.review(labels.webhook, labels.result, labels.reason, started.elapsed().as_secs_f64());
             Json(response).into_response()
         }
         Err(e) => {
-            let reason = match e {
-                ReviewError::NotJson(_) | ReviewError::NotObject(_) => "not_json",
-                ReviewError::WrongType { .. } => "wrong_type",
-                ReviewError::NoRequest => "no_request",
-                ReviewError::Malformed(_) => "malformed",
-            };
-            warn!(reason, error = %e, "malformed review");
-            state.metrics.review(endpoint.name(), "error", reason, started.elapsed().as_secs_f64());
+            warn!(reason = e.reason(), error = %e, "malformed review");
+            state.metrics.review(endpoint.name(), "error", e.reason(), started.elapsed().as_secs_f64());
             error(StatusCode::BAD_REQUEST, e)
         }
     }
@@ -191,9 +171,8 @@ pub async fn serve_tls(
 pub struct ServeConfig {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
+    /// The serving pair: polled when it comes from files, replaced by its owner otherwise.
     pub certificate: Arc<ReloadingCertificate>,
-    /// Poll the certificate files (not in self-signed mode, where the pair comes from a Secret).
-    pub watch_certificate_files: bool,
     pub tls_reload_interval: Duration,
     pub drain_timeout: Duration,
     pub webhook: Webhook,
@@ -215,19 +194,17 @@ pub async fn run(config: ServeConfig, synced: Option<Synced>) -> anyhow::Result<
         });
     }
     let metrics = state.metrics.clone();
-    if config.watch_certificate_files {
-        config.certificate.clone().watch(config.tls_reload_interval, move |result| match result {
-            Ok(true) => {
-                info!("serving certificate reloaded");
-                metrics.reload("success");
-            }
-            Ok(false) => {}
-            Err(e) => {
-                warn!(error = %e, "serving certificate not reloaded; the previous one stays");
-                metrics.reload("error");
-            }
-        });
-    }
+    config.certificate.clone().watch(config.tls_reload_interval, move |result| match result {
+        Ok(true) => {
+            info!("serving certificate reloaded");
+            metrics.reload("success");
+        }
+        Ok(false) => {}
+        Err(e) => {
+            warn!(error = %e, "serving certificate not reloaded; the previous one stays");
+            metrics.reload("error");
+        }
+    });
     let tls = Arc::new(config.certificate.clone().server_config());
 
     let listener = TcpListener::bind(config.listen)

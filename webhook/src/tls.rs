@@ -25,11 +25,14 @@ pub enum TlsError {
     Mismatch { cert: PathBuf, key: PathBuf },
 }
 
+/// How errors name a pair held in memory.
+const IN_MEMORY: &str = "<memory>";
+
 /// Certificate resolver that serves the newest good pair loaded from two files.
 #[derive(Debug)]
 pub struct ReloadingCertificate {
-    cert_path: PathBuf,
-    key_path: PathBuf,
+    /// The certificate and key files, when the pair comes from files.
+    files: Option<(PathBuf, PathBuf)>,
     current: RwLock<Loaded>,
 }
 
@@ -45,8 +48,7 @@ impl ReloadingCertificate {
         let source = read_pair(cert_path, key_path)?;
         let key = certified_key(cert_path, key_path, &source)?;
         Ok(Self {
-            cert_path: cert_path.to_owned(),
-            key_path: key_path.to_owned(),
+            files: Some((cert_path.to_owned(), key_path.to_owned())),
             current: RwLock::new(Loaded { key, source }),
         })
     }
@@ -54,8 +56,8 @@ impl ReloadingCertificate {
     /// A pair held in memory (self-signed mode), replaced with `install`; no files involved.
     pub fn from_pem(cert: &[u8], key: &[u8]) -> Result<Self, TlsError> {
         let source = (cert.to_vec(), key.to_vec());
-        let key = certified_key(Path::new("<memory>"), Path::new("<memory>"), &source)?;
-        Ok(Self { cert_path: PathBuf::new(), key_path: PathBuf::new(), current: RwLock::new(Loaded { key, source }) })
+        let key = certified_key(Path::new(IN_MEMORY), Path::new(IN_MEMORY), &source)?;
+        Ok(Self { files: None, current: RwLock::new(Loaded { key, source }) })
     }
 
     /// Serves `cert`/`key` from now on; `Ok(false)` when they are what is served already.
@@ -67,21 +69,37 @@ impl ReloadingCertificate {
         if self.current.read().is_ok_and(|loaded| loaded.source == source) {
             return Ok(false);
         }
-        let key = certified_key(&self.cert_path, &self.key_path, &source)?;
+        let (cert_path, key_path) = self.paths();
+        let key = certified_key(cert_path, key_path, &source)?;
         if let Ok(mut loaded) = self.current.write() {
             *loaded = Loaded { key, source };
         }
         Ok(true)
     }
 
-    /// Reads the files again. `Ok(true)` when a new pair is now served, `Ok(false)` when they are
-    /// unchanged, `Err` when they changed but do not load (the previous pair stays).
-    pub fn reload(&self) -> Result<bool, TlsError> {
-        self.replace(read_pair(&self.cert_path, &self.key_path)?)
+    fn paths(&self) -> (&Path, &Path) {
+        match &self.files {
+            Some((cert, key)) => (cert, key),
+            None => (Path::new(IN_MEMORY), Path::new(IN_MEMORY)),
+        }
     }
 
-    /// Polls the files every `interval` for as long as the process runs.
+    /// Reads the files again. `Ok(true)` when a new pair is now served, `Ok(false)` when they are
+    /// unchanged (or there are no files), `Err` when they changed but do not load (the previous
+    /// pair stays).
+    pub fn reload(&self) -> Result<bool, TlsError> {
+        match &self.files {
+            Some((cert, key)) => self.replace(read_pair(cert, key)?),
+            None => Ok(false),
+        }
+    }
+
+    /// Polls the files every `interval` for as long as the process runs; a pair held in memory
+    /// is replaced by its owner with `install`, so there is nothing to poll.
     pub fn watch(self: Arc<Self>, interval: Duration, on_reload: impl Fn(Result<bool, &TlsError>) + Send + 'static) {
+        if self.files.is_none() {
+            return;
+        }
         tokio::spawn(async move {
             let mut ticker = tokio::time::interval(interval);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

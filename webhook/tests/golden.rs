@@ -43,8 +43,8 @@ fn render_file(input: &Path, extra: &str) -> Result<Rendered, RenderError> {
     let Command::Render(args) = Cli::try_parse_from(argv).expect("valid render flags").command else {
         panic!("not a render command");
     };
-    let (input, source_name, options) = render::load(&args)?;
-    render::render(&input, &source_name, &options)
+    let job = args.load()?;
+    render::render(&job.input, &job.source_name, &job.options)
 }
 
 fn stderr_of(result: &Result<Rendered, RenderError>) -> String {

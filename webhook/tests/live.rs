@@ -12,11 +12,13 @@ use kube::runtime::reflector::{self, store::Writer};
 use kube::runtime::watcher;
 use serde_json::{json, Value};
 use support::api::{body_json, next, no_more_calls, reply, ApiHandle};
-use wiproxy_webhook::admission::review;
+use wiproxy_webhook::admission::answer;
+use wiproxy_webhook::cluster::live::supports_native_sidecars;
+use wiproxy_webhook::cluster::{Cluster, LiveCluster};
 use wiproxy_webhook::inject::SidecarSettings;
-use wiproxy_webhook::live::{supports_native_sidecars, LiveCluster};
 use wiproxy_webhook::policy::{PolicySet, TokenProxyPolicy};
 use wiproxy_webhook::policy_status::{write_status, Policies};
+use wiproxy_webhook::review::Endpoint;
 use wiproxy_webhook::{yaml, Webhook};
 
 const SA_PATH: &str = "/api/v1/namespaces/payments/serviceaccounts/orders-client";
@@ -50,8 +52,7 @@ fn webhook(service_account: Option<PartialObjectMeta<ServiceAccount>>) -> (Webho
     let webhook = Webhook {
         sidecar: SidecarSettings::default(),
         policies: Arc::new(Policies::new(PolicySet::new(policies, true))),
-        cluster: live.clone(),
-        live: Some(live),
+        cluster: Cluster::Live(live),
     };
     (webhook, handle)
 }
@@ -79,9 +80,9 @@ async fn admission_reads_a_new_service_account_then_annotates_it() {
         reply(send, StatusCode::OK, sa_metadata(json!({"iam.gke.io/gcp-service-account": GSA})));
         no_more_calls(&mut handle).await;
     });
-    let (response, summary) = review(&webhook, body.as_bytes()).await.expect("a review");
+    let (response, decision) = answer(&webhook, Endpoint::Mutate, body.as_bytes()).await.expect("a review");
     assert_eq!(response["response"]["allowed"], true, "{response}");
-    assert_eq!(summary.result, "injected");
+    assert_eq!(decision.labels().result, "injected");
     api.await.expect("the API saw GET then PATCH");
 }
 
@@ -96,7 +97,7 @@ async fn a_dry_run_changes_nothing_in_the_cluster() {
         reply(send, StatusCode::OK, sa_metadata(json!({})));
         no_more_calls(&mut handle).await;
     });
-    let (response, _) = review(&webhook, fixture.to_string().as_bytes()).await.expect("a review");
+    let (response, _) = answer(&webhook, Endpoint::Mutate, fixture.to_string().as_bytes()).await.expect("a review");
     assert_eq!(response["response"]["allowed"], true);
     assert!(response["response"]["patch"].is_string(), "the pod is still injected");
     api.await.expect("no PATCH on a dry run");
@@ -106,7 +107,8 @@ async fn a_dry_run_changes_nothing_in_the_cluster() {
 async fn a_service_account_in_the_store_needs_no_call() {
     let mapped = meta("orders-client", Some("payments"), json!({}), json!({"iam.gke.io/gcp-service-account": GSA}));
     let (webhook, mut handle) = webhook(Some(mapped));
-    let (response, _) = review(&webhook, support::review_fixture().to_string().as_bytes()).await.expect("a review");
+    let (response, _) =
+        answer(&webhook, Endpoint::Mutate, support::review_fixture().to_string().as_bytes()).await.expect("a review");
     assert_eq!(response["response"]["allowed"], true);
     no_more_calls(&mut handle).await;
 }
@@ -154,9 +156,10 @@ async fn a_service_account_mapped_elsewhere_is_denied_and_the_deployment_hears_o
         reply(send, StatusCode::CREATED, event);
         no_more_calls(&mut handle).await;
     });
-    let (response, summary) = review(&webhook, fixture.to_string().as_bytes()).await.expect("a review");
+    let (response, decision) =
+        answer(&webhook, Endpoint::Mutate, fixture.to_string().as_bytes()).await.expect("a review");
     assert_eq!(response["response"]["allowed"], false);
-    assert_eq!(summary.reason, "ksa_conflict");
+    assert_eq!(decision.labels().reason, "ksa_conflict");
     let message = response["response"]["status"]["message"].as_str().unwrap_or_default();
     assert!(message.contains("payments/orders-client is mapped to other@client-project"), "{message}");
     api.await.expect("GET, then the Event; never a PATCH");
@@ -189,7 +192,8 @@ async fn a_failed_annotation_denies_with_the_reason() {
         assert_eq!(request.method(), Method::POST, "the denial Event");
         reply(send, StatusCode::CREATED, json!({}));
     });
-    let (response, _) = review(&webhook, support::review_fixture().to_string().as_bytes()).await.expect("a review");
+    let (response, _) =
+        answer(&webhook, Endpoint::Mutate, support::review_fixture().to_string().as_bytes()).await.expect("a review");
     let message = response["response"]["status"]["message"].as_str().unwrap_or_default().to_owned();
     assert_eq!(response["response"]["allowed"], false);
     assert!(
@@ -212,8 +216,8 @@ async fn policy_status_is_written_when_it_changes() {
     let (client, mut handle) = support::api::client();
     let api: Api<TokenProxyPolicy> = Api::all(client);
     let invalid = policy("bad", json!({"namespaceSelector": {}, "upstreams": ["http://x/"]}), json!({}));
-    let verdict = wiproxy_webhook::policy_status::evaluate(&[Arc::new(invalid.clone())], true).1.remove(0).1;
-    assert!(verdict.is_err());
+    let validity = wiproxy_webhook::policy_status::usable_policies(&[Arc::new(invalid.clone())], true).1.remove(0).1;
+    assert!(validity.is_err());
     let calls = tokio::spawn(async move {
         let (request, send) = next(&mut handle).await;
         assert_eq!(
@@ -237,7 +241,7 @@ async fn policy_status_is_written_when_it_changes() {
         );
         no_more_calls(&mut handle).await;
     });
-    assert!(write_status(&api, &invalid, &verdict).await.expect("written"));
+    assert!(write_status(&api, &invalid, &validity).await.expect("written"));
 
     // A policy whose condition already says the same is left alone.
     let current = policy(

@@ -4,7 +4,6 @@
 pub mod api;
 
 use std::path::Path;
-use std::sync::Arc;
 
 use serde_json::Value;
 use wiproxy_webhook::cluster::StaticCluster;
@@ -26,7 +25,7 @@ pub fn webhook() -> Webhook {
     let policies = yaml::load_policies(Path::new(POLICY_FILE)).expect("example policy loads");
     let mut cluster = StaticCluster::default();
     cluster.add_documents(&cluster_documents(), "default");
-    Webhook::offline(SidecarSettings::default(), PolicySet::new(policies, true), Arc::new(cluster))
+    Webhook::from_files(SidecarSettings::default(), PolicySet::new(policies, true), cluster)
 }
 
 /// The AdmissionReview an API server sends for a Deployment's pod.

@@ -1,32 +1,14 @@
-//! What the injection needs to know about the cluster: namespace labels (for policy selectors)
-//! and the Workload Identity mapping of ServiceAccounts. `StaticCluster` holds them in memory,
-//! filled from YAML documents (`--cluster-file`, `render` input).
+//! The cluster from YAML documents (`--cluster-file`, `render` input): namespace labels and the
+//! Workload Identity mapping of ServiceAccounts, held in memory.
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
 use serde_json::Value;
 use wiproxy_common::GKE_SERVICE_ACCOUNT_ANNOTATION;
 
-/// Label Kubernetes sets on every namespace.
-pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
-
-/// What is known of a Kubernetes service account (KSA).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum KsaLookup {
-    /// Not known: it may not exist yet.
-    Missing,
-    /// Exists without `iam.gke.io/gcp-service-account`.
-    Unmapped,
-    /// Exists and maps to this GSA.
-    Mapped(String),
-}
-
-/// Read access to the cluster state the injection depends on.
-pub trait ClusterView: Send + Sync {
-    /// The namespace's labels, `kubernetes.io/metadata.name` always among them.
-    fn namespace_labels(&self, namespace: &str) -> BTreeMap<String, String>;
-    fn service_account(&self, namespace: &str, name: &str) -> KsaLookup;
-}
+use super::{ClusterState, KsaLookup, NAMESPACE_NAME_LABEL};
+use crate::workload::TypeKey;
 
 #[derive(Debug, Clone, Default)]
 pub struct StaticCluster {
@@ -41,17 +23,14 @@ impl StaticCluster {
         for doc in documents {
             let metadata = &doc["metadata"];
             let Some(name) = metadata["name"].as_str() else { continue };
-            match (doc["apiVersion"].as_str(), doc["kind"].as_str()) {
-                (Some("v1"), Some("Namespace")) => {
-                    let labels = string_map(&metadata["labels"]);
-                    self.namespaces.insert(name.to_owned(), labels);
-                }
-                (Some("v1"), Some("ServiceAccount")) => {
-                    let namespace = metadata["namespace"].as_str().unwrap_or(default_namespace);
-                    let gsa = metadata["annotations"][GKE_SERVICE_ACCOUNT_ANNOTATION].as_str().map(str::to_owned);
-                    self.service_accounts.insert((namespace.to_owned(), name.to_owned()), gsa);
-                }
-                _ => {}
+            let key = TypeKey::of(doc);
+            if key.is::<Namespace>() {
+                let labels = string_map(&metadata["labels"]);
+                self.namespaces.insert(name.to_owned(), labels);
+            } else if key.is::<ServiceAccount>() {
+                let namespace = metadata["namespace"].as_str().unwrap_or(default_namespace);
+                let gsa = metadata["annotations"][GKE_SERVICE_ACCOUNT_ANNOTATION].as_str().map(str::to_owned);
+                self.service_accounts.insert((namespace.to_owned(), name.to_owned()), gsa);
             }
         }
     }
@@ -61,7 +40,7 @@ impl StaticCluster {
     }
 }
 
-impl ClusterView for StaticCluster {
+impl ClusterState for StaticCluster {
     fn namespace_labels(&self, namespace: &str) -> BTreeMap<String, String> {
         let mut labels = self.namespaces.get(namespace).cloned().unwrap_or_default();
         labels.insert(NAMESPACE_NAME_LABEL.to_owned(), namespace.to_owned());

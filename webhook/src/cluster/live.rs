@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Namespace, ObjectReference, Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, ObjectReference, ServiceAccount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, PartialObjectMeta, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -19,7 +19,7 @@ use serde_json::json;
 use tracing::{debug, info, warn};
 use wiproxy_common::GKE_SERVICE_ACCOUNT_ANNOTATION;
 
-use crate::cluster::{ClusterView, KsaLookup, NAMESPACE_NAME_LABEL};
+use super::{ClusterState, KsaLookup, NAMESPACE_NAME_LABEL};
 
 /// Field manager of the webhook's writes.
 pub const MANAGER: &str = "wiproxy-webhook";
@@ -114,10 +114,11 @@ impl LiveCluster {
         Ok(())
     }
 
-    /// Records a Warning Event on the workload that owns the denied pod, so `kubectl describe`
-    /// on it shows the reason: the pod's controller, or the Deployment or CronJob above it.
-    pub async fn record_denial(&self, namespace: &str, pod: &Pod, message: &str) {
-        let Some(owner) = controller_of(pod.metadata.owner_references.as_deref()) else { return };
+    /// Records a Warning Event on the workload that owns the denied pod (`owners` are the pod's
+    /// owner references), so `kubectl describe` on it shows the reason: the pod's controller, or
+    /// the Deployment or CronJob above it.
+    pub async fn record_denial(&self, namespace: &str, owners: &[OwnerReference], message: &str) {
+        let Some(owner) = controller_of(Some(owners)) else { return };
         let reference = self.top_owner(namespace, owner).await;
         let event = Event {
             type_: EventType::Warning,
@@ -163,7 +164,7 @@ fn controller_of(owners: Option<&[OwnerReference]>) -> Option<&OwnerReference> {
     owners?.iter().find(|o| o.controller == Some(true))
 }
 
-impl ClusterView for LiveCluster {
+impl ClusterState for LiveCluster {
     fn namespace_labels(&self, namespace: &str) -> BTreeMap<String, String> {
         let mut labels = self
             .namespaces

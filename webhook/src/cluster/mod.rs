@@ -1,0 +1,109 @@
+//! The cluster the webhook decides against, and the only module that knows whether it runs from
+//! files or against the Kubernetes API. It reads the state a decision needs (namespace labels,
+//! the Workload Identity mapping of ServiceAccounts) and applies the effects a decision asks for.
+
+pub mod files;
+pub mod live;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use tracing::info;
+
+pub use files::StaticCluster;
+pub use live::LiveCluster;
+
+/// Label Kubernetes sets on every namespace.
+pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
+/// What is known of a Kubernetes service account (KSA).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KsaLookup {
+    /// Not known: it may not exist yet.
+    Missing,
+    /// Exists without `iam.gke.io/gcp-service-account`.
+    Unmapped,
+    /// Exists and maps to this GSA.
+    Mapped(String),
+}
+
+/// Read access to the cluster state the injection depends on; no I/O behind it.
+pub trait ClusterState: Send + Sync {
+    /// The namespace's labels, `kubernetes.io/metadata.name` always among them.
+    fn namespace_labels(&self, namespace: &str) -> BTreeMap<String, String>;
+    fn service_account(&self, namespace: &str, name: &str) -> KsaLookup;
+}
+
+/// A change in the cluster that a decision asks for; the cluster applies it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    /// Add `iam.gke.io/gcp-service-account: gsa` to ServiceAccount `namespace/name`.
+    AnnotateServiceAccount { namespace: String, name: String, gsa: String },
+    /// A Warning Event on the workload that owns the denied pod, so `kubectl describe` shows why.
+    RecordDenial { namespace: String, owners: Vec<OwnerReference>, message: String },
+}
+
+/// An effect that could not be applied; the review is then denied with it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct EffectFailed(pub String);
+
+/// The cluster a running webhook serves: fixed from files, or the live API.
+pub enum Cluster {
+    /// `--cluster-file`: no Kubernetes API; effects are logged for the operator.
+    Files(StaticCluster),
+    /// Reflector stores of the API server's objects, and the API for effects.
+    Live(Arc<LiveCluster>),
+}
+
+impl Cluster {
+    /// Makes sure the state a decision about `namespace/ksa` reads is at hand: a store miss is
+    /// read from the API (a ServiceAccount created in the same apply as its workload).
+    pub async fn load(&self, namespace: &str, ksa: &str) {
+        if let Self::Live(live) = self {
+            live.ensure_service_account(namespace, ksa).await;
+        }
+    }
+
+    /// Applies `effects` in order; the first that fails stops the rest.
+    pub async fn apply(&self, effects: &[Effect]) -> Result<(), EffectFailed> {
+        for effect in effects {
+            match (self, effect) {
+                (Self::Live(live), Effect::AnnotateServiceAccount { namespace, name, gsa }) => {
+                    live.annotate_service_account(namespace, name, gsa)
+                        .await
+                        .map_err(|e| EffectFailed(e.to_string()))?;
+                }
+                (Self::Live(live), Effect::RecordDenial { namespace, owners, message }) => {
+                    // In the background: the answer to the API server does not wait for an Event.
+                    let (live, namespace, owners, message) =
+                        (live.clone(), namespace.clone(), owners.clone(), message.clone());
+                    tokio::spawn(async move { live.record_denial(&namespace, &owners, &message).await });
+                }
+                (Self::Files(_), Effect::AnnotateServiceAccount { namespace, name, gsa }) => {
+                    info!(%namespace, ksa = %name, %gsa, "ServiceAccount needs the Workload Identity annotation; no Kubernetes API in file mode, left to the operator");
+                }
+                (Self::Files(_), Effect::RecordDenial { .. }) => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn state(&self) -> &dyn ClusterState {
+        match self {
+            Self::Files(files) => files,
+            Self::Live(live) => live.as_ref(),
+        }
+    }
+}
+
+impl ClusterState for Cluster {
+    fn namespace_labels(&self, namespace: &str) -> BTreeMap<String, String> {
+        self.state().namespace_labels(namespace)
+    }
+
+    fn service_account(&self, namespace: &str, name: &str) -> KsaLookup {
+        self.state().service_account(namespace, name)
+    }
+}

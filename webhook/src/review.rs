@@ -1,0 +1,287 @@
+//! One admission review, decided. `ReviewView` is what the API server asked, read once;
+//! `decide` is the pure step that turns it into a `Decision`: the answer, the effects the
+//! cluster must apply (as data), and the labels logs and metrics carry. No I/O here.
+
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube_core::admission::{AdmissionRequest, Operation};
+use kube_core::DynamicObject;
+
+use crate::cluster::{ClusterState, Effect, EffectFailed};
+use crate::denial::Denial;
+use crate::inject::{inject, service_account_name, Inputs, Outcome, ServiceAccountChange, SidecarSettings};
+use crate::policy::PolicySet;
+use crate::workload::{pod_from, pod_value, TypeKey, WorkloadKind};
+
+/// Which webhook a review came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `POST /mutate`: pods, injected.
+    Mutate,
+    /// `POST /validate`: workloads, checked and never changed.
+    Validate,
+}
+
+impl Endpoint {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Mutate => "mutate",
+            Self::Validate => "validate",
+        }
+    }
+}
+
+/// Why a review is allowed without a look at its pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Skip {
+    NotAPod,
+    NotACreate,
+    NotAWorkload,
+    NotLabelled,
+    AlreadyInjected,
+}
+
+impl Skip {
+    fn reason(self) -> &'static str {
+        match self {
+            Self::NotAPod => "not_a_pod",
+            Self::NotACreate => "not_a_create",
+            Self::NotAWorkload => "not_a_workload",
+            Self::NotLabelled => "not_labelled",
+            Self::AlreadyInjected => "already_injected",
+        }
+    }
+}
+
+/// What one review asks about, read from the request.
+pub struct ReviewView {
+    pub endpoint: Endpoint,
+    pub uid: String,
+    /// The namespace the pod runs in: the request's, else the object's, else `default`.
+    pub namespace: String,
+    /// The object's name (a pod's `generateName` when it has no name yet).
+    pub name: String,
+    pub dry_run: bool,
+    subject: Subject,
+}
+
+/// What the decision is about.
+enum Subject {
+    /// Nothing for this endpoint.
+    Skip(Skip),
+    /// The object (or the workload's pod template) is not a Pod: why.
+    Malformed(String),
+    /// The pod, or the pod a workload's template makes.
+    Pod(Box<Pod>),
+}
+
+impl ReviewView {
+    pub fn new(endpoint: Endpoint, request: &AdmissionRequest<DynamicObject>) -> Self {
+        let key = TypeKey::new(&request.kind.group, &request.kind.version, &request.kind.kind);
+        let kind = WorkloadKind::of(&key);
+        let object = request.object.as_ref().and_then(|o| serde_json::to_value(o).ok()).filter(|o| !o.is_null());
+        let pod = match (endpoint, kind, &request.operation) {
+            (Endpoint::Mutate, Some(WorkloadKind::Pod), _) if request.sub_resource.is_some() => Err(Skip::NotAPod),
+            (Endpoint::Mutate, Some(WorkloadKind::Pod), Operation::Create) => {
+                Ok(pod_from(object.as_ref(), "request.object"))
+            }
+            (Endpoint::Mutate, Some(WorkloadKind::Pod), _) => Err(Skip::NotACreate),
+            (Endpoint::Mutate, _, _) => Err(Skip::NotAPod),
+            (Endpoint::Validate, Some(kind), Operation::Create | Operation::Update) if kind != WorkloadKind::Pod => {
+                let pointer = kind.template_pointer();
+                let template = object.as_ref().and_then(|o| o.pointer(pointer)).map(pod_value);
+                Ok(pod_from(template.as_ref(), &format!("the pod template at {pointer}")))
+            }
+            (Endpoint::Validate, _, _) => Err(Skip::NotAWorkload),
+        };
+        let subject = match pod {
+            Err(skip) => Subject::Skip(skip),
+            Ok(Err(message)) => Subject::Malformed(message),
+            Ok(Ok(pod)) => Subject::Pod(Box::new(pod)),
+        };
+        let object_namespace = object.as_ref().and_then(|o| o["metadata"]["namespace"].as_str()).map(str::to_owned);
+        let namespace = request.namespace.clone().filter(|n| !n.is_empty()).or(object_namespace);
+        let mut name = request.name.clone();
+        if let (true, Subject::Pod(pod)) = (name.is_empty(), &subject) {
+            name = pod.metadata.generate_name.clone().unwrap_or_default();
+        }
+        Self {
+            endpoint,
+            uid: request.uid.clone(),
+            namespace: namespace.unwrap_or_else(|| "default".to_owned()),
+            name,
+            dry_run: request.dry_run,
+            subject,
+        }
+    }
+
+    fn pod(&self) -> Option<&Pod> {
+        match &self.subject {
+            Subject::Pod(pod) => Some(pod),
+            Subject::Skip(_) | Subject::Malformed(_) => None,
+        }
+    }
+
+    /// The ServiceAccount the decision will read, when the pod asks for injection.
+    pub fn service_account(&self) -> Option<String> {
+        let pod = self.pod()?;
+        let labels = pod.metadata.labels.as_ref()?;
+        let requested = labels.get(wiproxy_common::INJECT_LABEL).is_some_and(|v| v == "true");
+        requested.then(|| pod.spec.as_ref().map(service_account_name)).flatten()
+    }
+
+    fn owners(&self) -> Vec<OwnerReference> {
+        self.pod().and_then(|p| p.metadata.owner_references.clone()).unwrap_or_default()
+    }
+}
+
+/// What goes back to the API server.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Answer {
+    /// Allowed, unchanged.
+    Skip(Skip),
+    /// Allowed with the injection, a JSON patch already serialised (`/mutate`).
+    Inject {
+        patch: Vec<u8>,
+        warnings: Vec<String>,
+    },
+    /// Allowed, unchanged, with what a person should know (`/validate`).
+    Allow {
+        warnings: Vec<String>,
+    },
+    Deny(Denial),
+}
+
+/// A review, decided.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    pub endpoint: Endpoint,
+    pub uid: String,
+    pub namespace: String,
+    pub name: String,
+    pub answer: Answer,
+    pub effects: Vec<Effect>,
+    /// The Google service account the pod acts as and the policy that allowed it, when allowed.
+    pub gsa: Option<String>,
+    pub policy: Option<String>,
+}
+
+/// What logs and metrics say of a decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Labels<'a> {
+    pub webhook: &'static str,
+    pub uid: &'a str,
+    pub namespace: &'a str,
+    pub object: &'a str,
+    /// `injected`, `allowed`, `skipped` or `denied`.
+    pub result: &'static str,
+    /// Why: a denial reason, or why nothing was done; empty when injected or allowed.
+    pub reason: &'static str,
+    pub gsa: Option<&'a str>,
+    pub policy: Option<&'a str>,
+}
+
+impl Decision {
+    fn new(view: &ReviewView, answer: Answer) -> Self {
+        Self {
+            endpoint: view.endpoint,
+            uid: view.uid.clone(),
+            namespace: view.namespace.clone(),
+            name: view.name.clone(),
+            answer,
+            effects: Vec::new(),
+            gsa: None,
+            policy: None,
+        }
+    }
+
+    pub fn labels(&self) -> Labels<'_> {
+        let (result, reason) = match &self.answer {
+            Answer::Skip(skip) => ("skipped", skip.reason()),
+            Answer::Inject { .. } => ("injected", ""),
+            Answer::Allow { .. } => ("allowed", ""),
+            Answer::Deny(denial) => ("denied", denial.reason()),
+        };
+        Labels {
+            webhook: self.endpoint.name(),
+            uid: &self.uid,
+            namespace: &self.namespace,
+            object: &self.name,
+            result,
+            reason,
+            gsa: self.gsa.as_deref(),
+            policy: self.policy.as_deref(),
+        }
+    }
+
+    /// The decision once an effect could not be applied: the ServiceAccount stays unmapped, so
+    /// the pod would never get a token; it is denied instead, and the denial recorded.
+    pub fn after_failure(self, view: &ReviewView, failed: EffectFailed) -> Self {
+        let denial = self
+            .effects
+            .iter()
+            .find_map(|effect| match effect {
+                Effect::AnnotateServiceAccount { namespace, name, gsa } => Some(Denial::ServiceAccountPatch {
+                    namespace: namespace.clone(),
+                    ksa: name.clone(),
+                    gsa: gsa.clone(),
+                    error: failed.0.clone(),
+                }),
+                Effect::RecordDenial { .. } => None,
+            })
+            .unwrap_or(Denial::Malformed(failed.0));
+        deny(view, denial)
+    }
+}
+
+fn deny(view: &ReviewView, denial: Denial) -> Decision {
+    let mut decision = Decision::new(view, Answer::Deny(denial.clone()));
+    if view.endpoint == Endpoint::Mutate && !view.dry_run {
+        let message = denial.to_string();
+        decision.effects.push(Effect::RecordDenial {
+            namespace: view.namespace.clone(),
+            owners: view.owners(),
+            message,
+        });
+    }
+    decision
+}
+
+/// Decides one review: the pod's injection (or, for a workload, its check) under `policies`,
+/// with the cluster state as `cluster` reads it.
+pub fn decide(
+    view: &ReviewView,
+    sidecar: &SidecarSettings,
+    policies: &PolicySet,
+    cluster: &dyn ClusterState,
+) -> Decision {
+    let pod = match &view.subject {
+        Subject::Pod(pod) => pod,
+        Subject::Skip(skip) => return Decision::new(view, Answer::Skip(*skip)),
+        // The object never reached the injection core: nothing to record on an owner.
+        Subject::Malformed(message) => return Decision::new(view, Answer::Deny(Denial::Malformed(message.clone()))),
+    };
+    let inputs = Inputs { namespace: &view.namespace, sidecar, policies, cluster };
+    let injection = match inject(pod, &inputs) {
+        Ok(Outcome::NotRequested) => return Decision::new(view, Answer::Skip(Skip::NotLabelled)),
+        Ok(Outcome::AlreadyInjected) => return Decision::new(view, Answer::Skip(Skip::AlreadyInjected)),
+        Ok(Outcome::Injected(injection)) => injection,
+        Err(denial) => return deny(view, denial),
+    };
+    let answer = match view.endpoint {
+        Endpoint::Validate => Answer::Allow { warnings: injection.warnings },
+        Endpoint::Mutate => match serde_json::to_vec(&injection.patch) {
+            Ok(patch) => Answer::Inject { patch, warnings: injection.warnings },
+            Err(e) => return Decision::new(view, Answer::Deny(Denial::PatchEncoding(e.to_string()))),
+        },
+    };
+    let mut decision = Decision::new(view, answer);
+    if let (Endpoint::Mutate, false, ServiceAccountChange::Annotate { name, gsa }) =
+        (view.endpoint, view.dry_run, injection.service_account)
+    {
+        decision.effects.push(Effect::AnnotateServiceAccount { namespace: view.namespace.clone(), name, gsa });
+    }
+    decision.gsa = Some(injection.gsa);
+    decision.policy = injection.policy;
+    decision
+}
