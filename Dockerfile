@@ -1,12 +1,12 @@
 # syntax=docker/dockerfile:1
-# One image per binary: docker build --build-arg BIN=wiproxy-webhook .   (or BIN=wiproxy for the sidecar)
-# A static musl binary on distroless/static, running as the non-root user 65532.
+# One image per binary, for users with Docker: docker build --build-arg BIN=wiproxy-webhook .
+# (or BIN=wiproxy for the sidecar). The same image `make image` builds with buildah: the release
+# binary, built against Debian bookworm's glibc, on distroless/cc (bookworm's libc6, libgcc-s1 and
+# ca-certificates, nothing else: no shell), as /app, running as 65532, with the OCI labels.
 ARG BIN=wiproxy-webhook
 
 FROM rust:1.95-bookworm AS build
 ARG BIN
-RUN apt-get update && apt-get install -y --no-install-recommends musl-tools && rm -rf /var/lib/apt/lists/* \
- && rustup target add x86_64-unknown-linux-musl
 WORKDIR /src
 COPY . .
 RUN case "$BIN" in \
@@ -14,10 +14,19 @@ RUN case "$BIN" in \
       wiproxy-webhook) package=wiproxy-webhook ;; \
       *) echo "BIN must be wiproxy or wiproxy-webhook, not $BIN" >&2; exit 1 ;; \
     esac \
- && cargo build --release --locked --target x86_64-unknown-linux-musl -p "$package" --bin "$BIN" \
- && cp "target/x86_64-unknown-linux-musl/release/$BIN" /app
+ && cargo build --release --locked -p "$package" --bin "$BIN" \
+ && cp "target/release/$BIN" /app
 
-FROM gcr.io/distroless/static-debian12:nonroot
+FROM gcr.io/distroless/cc-debian12:nonroot
+ARG BIN
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+ARG SOURCE=https://github.com/wiproxy/wiproxy
+LABEL org.opencontainers.image.title="$BIN" \
+      org.opencontainers.image.source="$SOURCE" \
+      org.opencontainers.image.version="$VERSION" \
+      org.opencontainers.image.revision="$REVISION" \
+      org.opencontainers.image.licenses="Apache-2.0"
 COPY --from=build /app /app
 USER 65532:65532
 ENTRYPOINT ["/app"]

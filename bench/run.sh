@@ -18,19 +18,21 @@ for tool in wrk nginx; do
 done
 nginx_bin=$(command -v nginx || echo /usr/sbin/nginx)
 
-cargo build -q --release -p wiproxy-sidecar
-cargo build -q -p wiproxy-tests --bin wiproxy-fakes
+cargo build -q --locked --release -p wiproxy-sidecar
+cargo build -q --locked -p wiproxy-tests --bin wiproxy-fakes
+# Cargo's target directory as cargo resolves it (the Makefile passes it; CARGO_TARGET_DIR counts).
+target=${TARGET_DIR:-$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')}
 
 work=$(mktemp -d)
 pids=()
 cleanup() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  [ -f "$work/nginx.pid" ] && kill "$(cat "$work/nginx.pid")" 2>/dev/null || true
+  if [ -f "$work/nginx.pid" ]; then kill "$(cat "$work/nginx.pid")" 2>/dev/null || true; fi
   rm -rf "$work"
 }
 trap cleanup EXIT
 
-target/debug/wiproxy-fakes "$work" > "$work/fakes.log" 2>&1 &
+"$target/debug/wiproxy-fakes" "$work" > "$work/fakes.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 100); do [ -f "$work/env" ] && break; sleep 0.1; done
 
@@ -74,14 +76,15 @@ http {
 NGINX
 "$nginx_bin" -c "$work/nginx.conf"
 
-env -i $(cat "$work/env") \
+mapfile -t fakes_env < "$work/env"
+env -i "${fakes_env[@]}" \
   WIPROXY_UPSTREAMS="bench=https://bench.example.com" \
   WIPROXY_RESOLVE="bench.example.com=127.0.0.1:18443" \
   WIPROXY_EXTRA_CA_FILE="$work/ca.pem" \
   WIPROXY_LISTEN=127.0.0.1:15080 WIPROXY_ADMIN_LISTEN=127.0.0.1:15090 WIPROXY_LOG=warn \
-  target/release/wiproxy > "$work/wiproxy.log" 2>&1 &
+  "$target/release/wiproxy" > "$work/wiproxy.log" 2>&1 &
 sidecar=$!
-pids+=($sidecar)
+pids+=("$sidecar")
 for _ in $(seq 100); do curl -sf http://127.0.0.1:15090/readyz >/dev/null 2>&1 && break; sleep 0.1; done
 curl -sf http://127.0.0.1:15080/bench/ >/dev/null || { echo "the sidecar does not answer"; cat "$work/wiproxy.log"; exit 1; }
 curl -sf http://127.0.0.1:18080/ >/dev/null || { echo "nginx does not answer"; cat "$work/nginx-error.log"; exit 1; }
@@ -108,7 +111,7 @@ for round in 1 2; do
 done
 ratio=$(awk -v w="${total[wiproxy]}" -v n="${total[nginx]}" 'BEGIN {printf "%.2f", w/n}')
 peak=$(awk '/VmHWM/ {print $2}' "/proc/$sidecar/status")
-size=$(stat -c %s target/release/wiproxy)
+size=$(stat -c %s "$target/release/wiproxy")
 fetches=$(curl -s http://127.0.0.1:15090/metrics | awk '/^wiproxy_token_fetches_total/ {s+=$2} END {print s+0}')
 echo
 echo "throughput wiproxy/nginx: $ratio (sum of both rounds)"

@@ -71,6 +71,11 @@ def main():
     spec = deployment["spec"]["template"]["spec"]
     expect(deployment["spec"]["replicas"] == 2, "two replicas")
     expect(spec["priorityClassName"] == "system-cluster-critical", "priorityClassName")
+    quotas = [q for q in by_kind.get("ResourceQuota", [])
+              if {"scopeName": "PriorityClass", "operator": "In", "values": ["system-cluster-critical"]}
+              in q["spec"].get("scopeSelector", {}).get("matchExpressions", [])]
+    expect(len(quotas) == 1 and int(quotas[0]["spec"]["hard"]["pods"]) > deployment["spec"]["replicas"],
+           "a ResourceQuota scoped to the critical PriorityClass (GKE admits such pods outside kube-system only with one)")
     expect(len(spec["topologySpreadConstraints"]) >= 1, "topology spread")
     expect(spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] == 65532, "non-root")
     container = spec["containers"][0]

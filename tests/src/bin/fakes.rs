@@ -1,15 +1,15 @@
-//! `wiproxy-fakes DIR`: the fake GKE metadata server on loopback, for benchmarks and manual runs.
+//! `wiproxy-fakes DIR`: the fakes on loopback, for benchmarks, the image test and manual runs: the
+//! GKE metadata server, Google's token APIs and the Cloud Function front end (see `World`).
 //! Writes into DIR the test CA (`ca.pem`), a certificate and key for `bench.example.com`
-//! (`upstream.crt`, `upstream.key`, for an HTTPS upstream such as nginx) and `env`, the
-//! `GCE_METADATA_HOST` line a sidecar needs; then serves until killed.
+//! (`upstream.crt`, `upstream.key`, for an HTTPS upstream such as nginx), `env` (the
+//! `GCE_METADATA_HOST` and expected-GSA lines a sidecar needs) and `function.env` (`WIPROXY_RESOLVE`
+//! pinning the function's hosts to the fake front end, and its address as `FUNCTION_ADDR`); then
+//! serves until killed.
 
 use std::path::PathBuf;
 
 use anyhow::Context;
-use wiproxy_tests::google::{metadata_router, Google};
-use wiproxy_tests::pki::TestCa;
-use wiproxy_tests::serve;
-use wiproxy_tests::world::GSA;
+use wiproxy_tests::world::{World, GSA};
 
 const UPSTREAM_HOST: &str = "bench.example.com";
 
@@ -18,17 +18,27 @@ fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir)?;
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
-        let ca = TestCa::new();
-        std::fs::write(dir.join("ca.pem"), ca.pem())?;
-        let (cert, key) = ca.server_pem(&[UPSTREAM_HOST]);
+        let world = World::start().await;
+        std::fs::write(dir.join("ca.pem"), world.ca.pem())?;
+        let (cert, key) = world.ca.server_pem(&[UPSTREAM_HOST]);
         std::fs::write(dir.join("upstream.crt"), cert)?;
         std::fs::write(dir.join("upstream.key"), key)?;
-        let metadata = serve::http(metadata_router(Google::new(GSA))).await;
         std::fs::write(
-            dir.join("env"),
-            format!("GCE_METADATA_HOST={metadata}\nWIPROXY_EXPECTED_SERVICE_ACCOUNT={GSA}\n"),
+            dir.join("function.env"),
+            format!("WIPROXY_RESOLVE={}\nFUNCTION_ADDR={}\n", world.resolve(), world.function_addr),
         )?;
-        println!("metadata server on http://{metadata}; files in {}", dir.display());
+        // Written last, and whole (a rename): its presence tells a waiting script that every file is complete.
+        std::fs::write(
+            dir.join("env.partial"),
+            format!("GCE_METADATA_HOST={}\nWIPROXY_EXPECTED_SERVICE_ACCOUNT={GSA}\n", world.metadata),
+        )?;
+        std::fs::rename(dir.join("env.partial"), dir.join("env"))?;
+        println!(
+            "metadata server on http://{}, function front end on https://{}; files in {}",
+            world.metadata,
+            world.function_addr,
+            dir.display()
+        );
         std::future::pending::<()>().await;
         Ok(())
     })
