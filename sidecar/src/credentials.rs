@@ -4,9 +4,11 @@
 //! (a file-sourced `external_account` configuration: the subject token exchanged at Google's STS,
 //! then `generateIdToken` with the federated token).
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use bytes::Bytes;
@@ -18,7 +20,7 @@ use serde_json::json;
 
 use crate::body::BoxError;
 use crate::http::Clients;
-use crate::source::FetchError;
+use crate::source::{FetchError, TokenSource};
 use crate::token::Token;
 
 const DEFAULT_METADATA_HOST: &str = "169.254.169.254";
@@ -66,6 +68,18 @@ pub enum CredentialsError {
     BadExternalAccount { path: String, why: String },
 }
 
+/// The configured credentials as the cache's token source.
+pub struct CredentialSource {
+    pub credentials: Credentials,
+    pub clients: Clients,
+}
+
+impl TokenSource for CredentialSource {
+    fn fetch<'a>(&'a self, audience: &'a str) -> Pin<Box<dyn Future<Output = Result<Token, FetchError>> + Send + 'a>> {
+        Box::pin(self.credentials.fetch(&self.clients, audience))
+    }
+}
+
 impl Credentials {
     /// Parses `WIPROXY_CREDENTIALS`; `metadata_host` is `GCE_METADATA_HOST` when set.
     pub fn parse(spec: &str, metadata_host: Option<&str>) -> Result<Self, CredentialsError> {
@@ -95,7 +109,7 @@ impl Credentials {
             Self::KeyFile(key) => format!("key of {}", key.client_email),
             Self::Impersonate { service_account, .. } => format!("impersonation of {service_account}"),
             Self::ExternalAccount(account) => {
-                format!("workload identity federation as {} through {}", account.service_account, account.audience)
+                format!("workload identity federation as {} through {}", account.service_account, account.sts_audience)
             }
         }
     }
@@ -222,8 +236,8 @@ async fn generate_id_token(
 /// create-cred-config --credential-source-file=… --service-account=…` writes), file-sourced.
 #[derive(Clone)]
 pub struct ExternalAccount {
-    /// The workload identity provider, `//iam.googleapis.com/projects/…/providers/…`.
-    pub audience: String,
+    /// The STS audience: the workload identity provider, `//iam.googleapis.com/projects/…/providers/…`.
+    pub sts_audience: String,
     subject_token_type: String,
     token_url: String,
     subject_file: PathBuf,
@@ -233,19 +247,26 @@ pub struct ExternalAccount {
     pub service_account: String,
     /// `generateIdToken` for it, on the host of the configuration's impersonation URL.
     id_token_url: String,
-    /// The federated access token and when to stop using it.
-    federated: Arc<Mutex<Option<(String, Instant)>>>,
+    /// The federated access token and when to stop using it. The lock is held across an
+    /// exchange, so upstreams that need a token at the same moment share one exchange.
+    federated: Arc<tokio::sync::Mutex<Option<(String, SystemTime)>>>,
 }
 
 #[derive(Deserialize)]
 struct ExternalAccountFile {
     #[serde(rename = "type")]
     kind: String,
+    #[serde(default = "default_universe")]
+    universe_domain: String,
     audience: String,
     subject_token_type: String,
     token_url: String,
     credential_source: CredentialSourceFile,
     service_account_impersonation_url: Option<String>,
+}
+
+fn default_universe() -> String {
+    "googleapis.com".to_owned()
 }
 
 #[derive(Deserialize)]
@@ -303,11 +324,25 @@ impl ExternalAccount {
             .and_then(|rest| rest.rsplit_once("/serviceAccounts/"))
             .filter(|(base, gsa)| base.starts_with("https://") && wiproxy_common::is_service_account_email(gsa))
             .ok_or_else(|| format!("service_account_impersonation_url {impersonation:?} is not https://…/serviceAccounts/GSA:generateAccessToken"))?;
-        if !file.token_url.starts_with("https://") {
-            return Err(format!("token_url {:?} is not an https URL", file.token_url));
+        // The configuration can come from a pod annotation: the subject token and the federated
+        // token go to Google's own API hosts only, never to a host the file names elsewhere.
+        let google_host = |url: &str| {
+            url::Url::parse(url).is_ok_and(|u| {
+                u.scheme() == "https"
+                    && u.host_str().is_some_and(|h| h.ends_with(&format!(".{}", file.universe_domain)))
+            })
+        };
+        if !google_host(&file.token_url) {
+            return Err(format!("token_url {:?} is not an https URL on {}", file.token_url, file.universe_domain));
+        }
+        if !google_host(base) {
+            return Err(format!(
+                "service_account_impersonation_url {impersonation:?} is not on {}",
+                file.universe_domain
+            ));
         }
         Ok(Self {
-            audience: file.audience,
+            sts_audience: file.audience,
             subject_token_type: file.subject_token_type,
             token_url: file.token_url,
             subject_file: PathBuf::from(subject_file),
@@ -319,22 +354,37 @@ impl ExternalAccount {
     }
 
     /// An ID token for `audience`: the federated token (cached to its `expires_in`), then
-    /// `generateIdToken` for the configured service account.
+    /// `generateIdToken` for the configured service account. A federated token IAM refuses
+    /// (revoked, or expired early) is dropped and exchanged again, once.
     async fn id_token(&self, clients: &Clients, audience: &str) -> Result<String, FetchError> {
         let federated = self.federated_token(clients).await?;
-        generate_id_token(clients, &self.id_token_url, &federated, audience).await
+        match generate_id_token(clients, &self.id_token_url, &federated, audience).await {
+            Err(FetchError::Config { status: 401, .. }) => {
+                self.forget(&federated).await;
+                let federated = self.federated_token(clients).await?;
+                generate_id_token(clients, &self.id_token_url, &federated, audience).await
+            }
+            answered => answered,
+        }
+    }
+
+    async fn forget(&self, refused: &str) {
+        let mut slot = self.federated.lock().await;
+        if slot.as_ref().is_some_and(|(token, _)| token == refused) {
+            *slot = None;
+        }
     }
 
     async fn federated_token(&self, clients: &Clients) -> Result<String, FetchError> {
-        let cached = self.federated.lock().map(|slot| slot.clone()).unwrap_or_else(|p| p.into_inner().clone());
-        if let Some((token, _)) = cached.filter(|(_, until)| *until > Instant::now()) {
-            return Ok(token);
+        let mut slot = self.federated.lock().await;
+        if let Some((token, _)) = slot.as_ref().filter(|(_, until)| *until > SystemTime::now()) {
+            return Ok(token.clone());
         }
         // Read on every exchange: the kubelet rotates projected tokens in place.
         let subject = self.subject_token()?;
         let form = url::form_urlencoded::Serializer::new(String::new())
             .append_pair("grant_type", TOKEN_EXCHANGE)
-            .append_pair("audience", &self.audience)
+            .append_pair("audience", &self.sts_audience)
             .append_pair("scope", CLOUD_PLATFORM_SCOPE)
             .append_pair("requested_token_type", ACCESS_TOKEN_TYPE)
             .append_pair("subject_token", &subject)
@@ -352,10 +402,8 @@ impl ExternalAccount {
             .and_then(|v| v["expires_in"].as_u64())
             .unwrap_or(3600);
         // Stop using it a little before it expires: a tenth of its life, at most a minute.
-        let until = Instant::now() + Duration::from_secs(lifetime - (lifetime / 10).min(60));
-        if let Ok(mut slot) = self.federated.lock() {
-            *slot = Some((token.clone(), until));
-        }
+        let until = SystemTime::now() + Duration::from_secs(lifetime - (lifetime / 10).min(60));
+        *slot = Some((token.clone(), until));
         Ok(token)
     }
 
@@ -503,6 +551,11 @@ mod tests {
                 "serviceAccounts/GSA",
             ),
             (json!({"token_url": "http://sts.googleapis.com/v1/token"}), "token_url"),
+            (json!({"token_url": "https://sts.attacker.example/v1/token"}), "token_url"),
+            (
+                json!({"service_account_impersonation_url": "https://iamcredentials.attacker.example/v1/projects/-/serviceAccounts/a@p.iam.gserviceaccount.com:generateAccessToken"}),
+                "not on googleapis.com",
+            ),
         ];
         for (change, named) in refusals {
             let why = config(change.clone()).err().unwrap_or_default();

@@ -27,11 +27,12 @@ use crate::admin::Admin;
 use crate::body::Body;
 use crate::cache::TokenCache;
 use crate::config::Config;
+use crate::credentials::CredentialSource;
 use crate::http::Clients;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::routes::Routes;
-use crate::source::{CredentialSource, FetchError};
+use crate::source::FetchError;
 use crate::token::Token;
 
 #[derive(Debug, thiserror::Error)]

@@ -1,11 +1,9 @@
-//! Where the cache gets tokens from: the `TokenSource` it fetches through, the errors a fetch
-//! can end in, and the configured credentials as that source.
+//! What the cache fetches through: the `TokenSource` trait and the errors a fetch can end in.
+//! The configured credentials implement it (`credentials::CredentialSource`).
 
 use std::future::Future;
 use std::pin::Pin;
 
-use crate::credentials::Credentials;
-use crate::http::Clients;
 use crate::token::{Token, TokenError};
 
 /// Something that fetches ID tokens: the configured credentials in production, a script in tests.
@@ -42,17 +40,5 @@ impl FetchError {
 impl From<TokenError> for FetchError {
     fn from(e: TokenError) -> Self {
         Self::Invalid(e.to_string())
-    }
-}
-
-/// The configured credentials as the cache's token source.
-pub struct CredentialSource {
-    pub credentials: Credentials,
-    pub clients: Clients,
-}
-
-impl TokenSource for CredentialSource {
-    fn fetch<'a>(&'a self, audience: &'a str) -> Pin<Box<dyn Future<Output = Result<Token, FetchError>> + Send + 'a>> {
-        Box::pin(self.credentials.fetch(&self.clients, audience))
     }
 }

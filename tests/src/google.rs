@@ -41,8 +41,13 @@ pub fn wif_token_audience() -> String {
 /// The federated principal of a Kubernetes ServiceAccount, as IAM bindings name it
 /// (`google.subject` mapped from the token's `sub`).
 pub fn wif_principal(namespace: &str, ksa: &str) -> String {
+    principal_of(&format!("system:serviceaccount:{namespace}:{ksa}"))
+}
+
+/// The principal of a federated subject (`google.subject=assertion.sub`).
+fn principal_of(subject: &str) -> String {
     let pool = WIF_PROVIDER.split("/providers/").next().unwrap_or_default();
-    format!("principal://iam.googleapis.com/{pool}/subject/system:serviceaccount:{namespace}:{ksa}")
+    format!("principal://iam.googleapis.com/{pool}/subject/{subject}")
 }
 
 pub struct Google {
@@ -54,7 +59,8 @@ pub struct Google {
     next_id: AtomicU64,
     /// Every token handed out, ID and access tokens alike.
     minted: Mutex<Vec<String>>,
-    access_tokens: Mutex<HashMap<String, String>>,
+    /// Access tokens handed out: token → (caller, expiry in epoch seconds).
+    access_tokens: Mutex<HashMap<String, (String, u64)>>,
     /// ID tokens served by the metadata server's identity endpoint (all audiences).
     pub identity_fetches: AtomicUsize,
     /// Lifetime of the ID tokens minted from now on, in seconds.
@@ -155,9 +161,14 @@ impl Google {
         token
     }
 
-    fn access_token(&self, email: &str) -> String {
+    /// Revokes every access token handed out so far: IAM answers 401 to them from now on.
+    pub fn revoke_access_tokens(&self) {
+        self.access_tokens.lock().expect("lock").clear();
+    }
+
+    fn access_token(&self, caller: &str, lifetime: u64) -> String {
         let token = format!("ya29.fake-access-{}-{}", self.next_id.fetch_add(1, Ordering::SeqCst), now());
-        self.access_tokens.lock().expect("lock").insert(token.clone(), email.to_owned());
+        self.access_tokens.lock().expect("lock").insert(token.clone(), (caller.to_owned(), now() + lifetime));
         self.minted.lock().expect("lock").push(token.clone());
         token
     }
@@ -221,7 +232,7 @@ async fn metadata_access_token(State(google): State<Arc<Google>>, headers: Heade
     let Some(email) = google.bound.lock().expect("lock").clone() else {
         return text(404, "The Kubernetes service account is not bound to a Google service account");
     };
-    Json(json!({"access_token": google.access_token(&email), "expires_in": 3599, "token_type": "Bearer"}))
+    Json(json!({"access_token": google.access_token(&email, 3599), "expires_in": 3599, "token_type": "Bearer"}))
         .into_response()
 }
 
@@ -290,11 +301,24 @@ async fn oauth_token(State(google): State<Arc<Google>>, body: String) -> Respons
 /// issuer, its `aud` holds one of the allowed audiences, and it has not expired. Errors are OAuth
 /// errors (`error`, `error_description`) with status 400, as the STS reference shows; the exact
 /// description texts are not documented and are modelled on what Google's STS prints.
-async fn sts_token(State(google): State<Arc<Google>>, body: String) -> Response {
+async fn sts_token(State(google): State<Arc<Google>>, headers: HeaderMap, body: String) -> Response {
+    // The reference: "do not send the Authorization HTTP header in the request … using the
+    // header can cause the request to fail". Undocumented how; refused here.
+    if headers.contains_key("authorization") {
+        return oauth_error(400, "invalid_request", "The Authorization header must not be sent to the token endpoint.");
+    }
     let form: HashMap<String, String> = url::form_urlencoded::parse(body.as_bytes()).into_owned().collect();
     let field = |name: &str| form.get(name).map(String::as_str).unwrap_or_default();
     if field("grant_type") != "urn:ietf:params:oauth:grant-type:token-exchange" {
         return oauth_error(400, "unsupported_grant_type", "The grant_type is not supported.");
+    }
+    // "Required when exchanging an external credential for a Google access token."
+    if !field("scope").split(' ').any(|s| s == "https://www.googleapis.com/auth/cloud-platform") {
+        return oauth_error(
+            400,
+            "invalid_scope",
+            "The scope parameter must include https://www.googleapis.com/auth/cloud-platform.",
+        );
     }
     if field("requested_token_type") != "urn:ietf:params:oauth:token-type:access_token" {
         return oauth_error(400, "invalid_request", "Invalid value for \"requested_token_type\".");
@@ -339,11 +363,10 @@ async fn sts_token(State(google): State<Arc<Google>>, body: String) -> Response 
     let subject = claims["sub"].as_str().unwrap_or_default().to_owned();
     let jti = claims["jti"].as_str().unwrap_or_default().to_owned();
     google.sts_subjects.lock().expect("lock").push((subject.clone(), jti));
-    let pool = WIF_PROVIDER.split("/providers/").next().unwrap_or_default();
-    let principal = format!("principal://iam.googleapis.com/{pool}/subject/{subject}");
+    let principal = principal_of(&subject);
     let lifetime = google.sts_lifetime_secs.load(Ordering::SeqCst);
     Json(json!({
-        "access_token": google.access_token(&principal),
+        "access_token": google.access_token(&principal, lifetime),
         "issued_token_type": "urn:ietf:params:oauth:token-type:access_token",
         "token_type": "Bearer",
         "expires_in": lifetime,
@@ -366,7 +389,9 @@ async fn generate_id_token(State(google): State<Arc<Google>>, request: Request) 
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .and_then(|token| google.access_tokens.lock().expect("lock").get(token).cloned());
+        .and_then(|token| google.access_tokens.lock().expect("lock").get(token).cloned())
+        .filter(|(_, expiry)| *expiry > now())
+        .map(|(caller, _)| caller);
     let Some(caller) = caller else {
         return iam_error(401, "Request had invalid authentication credentials. Expected OAuth 2 access token.");
     };

@@ -72,6 +72,32 @@ async fn a_rotated_subject_token_is_read_at_the_next_exchange() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_federated_token_iam_refuses_is_exchanged_again() {
+    let world = World::start().await;
+    // ID tokens refreshed within seconds; the federated token would be good for an hour.
+    world.google.lifetime_secs.store(20, Ordering::SeqCst);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (config, _) = world.write_external_account(dir.path(), "payments", "orders-client", GSA);
+    let sidecar = Sidecar::start(&federation_env(&world, &config));
+    let http = Http::new();
+    assert_eq!(wait_ready(&http, &sidecar, Duration::from_secs(15)).await.status, StatusCode::OK, "{}", sidecar.log());
+    world.google.revoke_access_tokens();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    while world.google.sts_subjects.lock().expect("lock").len() < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        world.google.sts_subjects.lock().expect("lock").len(),
+        2,
+        "one new exchange after the 401\n{}",
+        sidecar.log()
+    );
+    assert_eq!(wait_ready(&http, &sidecar, Duration::from_secs(5)).await.status, StatusCode::OK, "{}", sidecar.log());
+    assert_eq!(http.get(&sidecar.url("/fn/after-revocation")).await.status, StatusCode::OK);
+    sidecar.assert_log_free_of(&world.google.minted());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_sts_refusal_shows_in_readyz_with_googles_words_and_calls_fail_closed() {
     let world = World::start().await;
     let cases = [
