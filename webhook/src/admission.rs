@@ -52,7 +52,7 @@ pub async fn answer(webhook: &Webhook, endpoint: Endpoint, body: &[u8]) -> Resul
     let policies = webhook.policies.current();
     let mut decision = decide(&view, &webhook.sidecar, &policies, &webhook.cluster);
     if let Err(failed) = webhook.cluster.apply(&decision.effects).await {
-        decision = decision.after_failure(&view, failed);
+        decision = Decision::after_failure(&view, failed);
         // A denial's effects only record it, which cannot fail.
         let _ = webhook.cluster.apply(&decision.effects).await;
     }

@@ -156,9 +156,6 @@ pub enum Answer {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Decision {
     pub endpoint: Endpoint,
-    pub uid: String,
-    pub namespace: String,
-    pub name: String,
     pub answer: Answer,
     pub effects: Vec<Effect>,
     /// The Google service account the pod acts as and the policy that allowed it, when allowed.
@@ -166,13 +163,11 @@ pub struct Decision {
     pub policy: Option<String>,
 }
 
-/// What logs and metrics say of a decision.
+/// What logs and metrics say of a decision (the review's uid, namespace and object are on its
+/// span already).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Labels<'a> {
     pub webhook: &'static str,
-    pub uid: &'a str,
-    pub namespace: &'a str,
-    pub object: &'a str,
     /// `injected`, `allowed`, `skipped` or `denied`.
     pub result: &'static str,
     /// Why: a denial reason, or why nothing was done; empty when injected or allowed.
@@ -183,16 +178,7 @@ pub struct Labels<'a> {
 
 impl Decision {
     fn new(view: &ReviewView, answer: Answer) -> Self {
-        Self {
-            endpoint: view.endpoint,
-            uid: view.uid.clone(),
-            namespace: view.namespace.clone(),
-            name: view.name.clone(),
-            answer,
-            effects: Vec::new(),
-            gsa: None,
-            policy: None,
-        }
+        Self { endpoint: view.endpoint, answer, effects: Vec::new(), gsa: None, policy: None }
     }
 
     pub fn labels(&self) -> Labels<'_> {
@@ -204,9 +190,6 @@ impl Decision {
         };
         Labels {
             webhook: self.endpoint.name(),
-            uid: &self.uid,
-            namespace: &self.namespace,
-            object: &self.name,
             result,
             reason,
             gsa: self.gsa.as_deref(),
@@ -214,23 +197,10 @@ impl Decision {
         }
     }
 
-    /// The decision once an effect could not be applied: the ServiceAccount stays unmapped, so
-    /// the pod would never get a token; it is denied instead, and the denial recorded.
-    pub fn after_failure(self, view: &ReviewView, failed: EffectFailed) -> Self {
-        let denial = self
-            .effects
-            .iter()
-            .find_map(|effect| match effect {
-                Effect::AnnotateServiceAccount { namespace, name, gsa } => Some(Denial::ServiceAccountPatch {
-                    namespace: namespace.clone(),
-                    ksa: name.clone(),
-                    gsa: gsa.clone(),
-                    error: failed.0.clone(),
-                }),
-                Effect::RecordDenial { .. } => None,
-            })
-            .unwrap_or(Denial::Malformed(failed.0));
-        deny(view, denial)
+    /// The decision once an effect could not be applied: the pod is denied with the failure
+    /// (a ServiceAccount left unmapped would never get it a token), and the denial recorded.
+    pub fn after_failure(view: &ReviewView, failed: EffectFailed) -> Self {
+        deny(view, failed.0)
     }
 }
 

@@ -11,6 +11,8 @@ use std::sync::Arc;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use tracing::info;
 
+use crate::denial::Denial;
+
 pub use files::StaticCluster;
 pub use live::LiveCluster;
 
@@ -44,10 +46,10 @@ pub enum Effect {
     RecordDenial { namespace: String, owners: Vec<OwnerReference>, message: String },
 }
 
-/// An effect that could not be applied; the review is then denied with it.
+/// An effect that could not be applied, as the denial the review then gets.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
-pub struct EffectFailed(pub String);
+pub struct EffectFailed(pub Denial);
 
 /// The cluster a running webhook serves: fixed from files, or the live API.
 pub enum Cluster {
@@ -71,9 +73,14 @@ impl Cluster {
         for effect in effects {
             match (self, effect) {
                 (Self::Live(live), Effect::AnnotateServiceAccount { namespace, name, gsa }) => {
-                    live.annotate_service_account(namespace, name, gsa)
-                        .await
-                        .map_err(|e| EffectFailed(e.to_string()))?;
+                    live.annotate_service_account(namespace, name, gsa).await.map_err(|e| {
+                        EffectFailed(Denial::ServiceAccountPatch {
+                            namespace: namespace.clone(),
+                            ksa: name.clone(),
+                            gsa: gsa.clone(),
+                            error: e.to_string(),
+                        })
+                    })?;
                 }
                 (Self::Live(live), Effect::RecordDenial { namespace, owners, message }) => {
                     // In the background: the answer to the API server does not wait for an Event.
