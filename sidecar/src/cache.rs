@@ -32,7 +32,18 @@ struct Slot {
 struct State {
     token: Option<Token>,
     error: Option<String>,
+    /// When an upstream's refusal last made the slot drop its token.
+    last_forced: Option<Instant>,
+    /// A fresh token was refused again within `FORCED_REFETCH_INTERVAL`: the audience or the
+    /// invoker role is wrong, not the token. Cleared by the next answer that is not a refusal.
+    refused: bool,
 }
+
+/// At most one refetch forced by upstream refusals per audience in this time.
+pub const FORCED_REFETCH_INTERVAL: Duration = Duration::from_secs(30);
+
+/// What `/readyz` and the 503 body say when fresh tokens are refused too.
+pub const REFUSED: &str = "token refused by upstream: check audience and invoker role";
 
 impl Slot {
     fn state(&self) -> MutexGuard<'_, State> {
@@ -120,20 +131,39 @@ impl TokenCache {
         }
     }
 
-    /// An upstream refused `token`: stop serving it and fetch a new one now. Several refusals of
-    /// the same token cause one fetch.
-    pub fn reject(&self, audience: &str, token: &Token) {
-        let Some(slot) = self.slots.get(audience) else { return };
+    /// An upstream's front end refused `token`. Drops it and fetches a new one now, at most
+    /// once per `FORCED_REFETCH_INTERVAL` (several refusals of the same token cause one fetch).
+    /// Returns whether the caller may retry: a new token is (or already was) on its way. A refusal
+    /// inside the interval keeps the token and marks the audience refused instead.
+    pub fn reject(&self, audience: &str, token: &Token) -> bool {
+        let Some(slot) = self.slots.get(audience) else { return false };
         let mut dropped = false;
+        let mut retry = false;
         slot.update(|state| {
-            if state.token.as_ref() == Some(token) {
+            if state.token.as_ref() != Some(token) {
+                // Already replaced (or being replaced) after another request's refusal.
+                retry = true;
+            } else if state.last_forced.is_some_and(|at| at.elapsed() < FORCED_REFETCH_INTERVAL) {
+                state.refused = true;
+            } else {
                 state.token = None;
                 state.error = None;
+                state.last_forced = Some(Instant::now());
                 dropped = true;
+                retry = true;
             }
         });
         if dropped {
             slot.wake.notify_one();
+        }
+        retry
+    }
+
+    /// An upstream answered without refusing the token: a refusal reported before is over.
+    pub fn accepted(&self, audience: &str) {
+        let Some(slot) = self.slots.get(audience) else { return };
+        if slot.state().refused {
+            slot.update(|state| state.refused = false);
         }
     }
 
@@ -146,6 +176,7 @@ impl TokenCache {
             .map(|slot| {
                 let state = slot.state();
                 let result = match (&state.token, &state.error) {
+                    _ if state.refused => Err(REFUSED.to_owned()),
                     (Some(token), _) if token.servable(now) => Ok(token.ttl_seconds(now)),
                     (_, Some(error)) => Err(error.clone()),
                     _ => Err("waiting for the first token".to_owned()),

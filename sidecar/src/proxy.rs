@@ -11,7 +11,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::TokioIo;
 use serde_json::json;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 use wiproxy_common::TokenHeader;
 
 use crate::body::{empty, full, json_response, Body, BoxError};
@@ -212,17 +212,22 @@ impl Proxy {
                 Ok(response) => response,
                 Err(e) => return upstream_error(route, &e),
             };
-            if response.status() == StatusCode::UNAUTHORIZED && replay && !retried && !upgrade {
-                retried = true;
-                debug!(upstream = %route.name, "upstream refused the token; fetching a new one");
-                self.cache.reject(&route.audience, &token);
-                match self.cache.get(&route.audience, self.token_wait).await {
-                    Ok(fresh) => {
-                        token = fresh;
-                        continue;
+            if response.status() == StatusCode::UNAUTHORIZED && is_token_refusal(response.headers()) {
+                let refetching = self.cache.reject(&route.audience, &token);
+                if refetching && replay && !retried && !upgrade {
+                    retried = true;
+                    debug!(upstream = %route.name, "the front end refused the token; retrying with a new one");
+                    match self.cache.get(&route.audience, self.token_wait).await {
+                        Ok(fresh) => {
+                            token = fresh;
+                            continue;
+                        }
+                        Err(_) => return respond(response),
                     }
-                    Err(_) => return respond(response),
                 }
+                info!(upstream = %route.name, "the front end refused the token; answered as is");
+            } else {
+                self.cache.accepted(&route.audience);
             }
             if response.status() == StatusCode::SWITCHING_PROTOCOLS {
                 if let Some(inbound) = inbound_upgrade {
@@ -232,6 +237,20 @@ impl Proxy {
             return respond(response);
         }
     }
+}
+
+/// Whether a 401 is Google's front end refusing the ID token, rather than the app's own 401.
+/// Cloud Run and Cloud Functions answer a token they cannot verify (bad signature, wrong audience,
+/// expired) with `WWW-Authenticate: Bearer error="invalid_token" error_description="The access
+/// token could not be verified"`. This is seen in user reports (google/ground-platform,
+/// `data-import.service.ts`; google/adk-python#3814 for the body), not documented by Google: so
+/// only the `Bearer` scheme with `error="invalid_token"` is required. An app's `Basic` challenge,
+/// or a 401 with no challenge, is the app's and is returned as is, never replayed.
+fn is_token_refusal(headers: &HeaderMap) -> bool {
+    headers.get_all(header::WWW_AUTHENTICATE).iter().filter_map(|v| v.to_str().ok()).any(|challenge| {
+        let challenge = challenge.trim_start().to_ascii_lowercase();
+        challenge.starts_with("bearer") && challenge.contains("error=\"invalid_token\"")
+    })
 }
 
 fn respond(response: Response<Incoming>) -> Response<Body> {

@@ -57,7 +57,10 @@ fn unauthorized(why: &str) -> Response {
         "<html><head><title>401 Unauthorized</title></head><body><h1>Error: Unauthorized</h1>\
          <h2>Your client does not have permission to the requested URL.</h2><!-- {why} --></body></html>"
     );
-    (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Bearer error=\"invalid_token\"")], body).into_response()
+    // The front end's challenge as users report it (no comma between the parameters); not
+    // documented by Google.
+    let challenge = "Bearer error=\"invalid_token\" error_description=\"The access token could not be verified\"";
+    (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, challenge)], body).into_response()
 }
 
 fn forbidden(email: &str) -> Response {
@@ -148,6 +151,11 @@ async fn handle(State(function): State<Arc<Function>>, request: Request) -> Resp
     if let Some(seconds) = path.rsplit_once("/sleep/").and_then(|(_, s)| s.parse::<u64>().ok()) {
         tokio::time::sleep(std::time::Duration::from_secs(seconds)).await;
         return StatusCode::OK.into_response();
+    }
+    if path.ends_with("/app-401") {
+        // The app's own refusal, behind a front end that accepted the token.
+        return (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Basic realm=\"orders\"")], "login required\n")
+            .into_response();
     }
     if path.ends_with("/redirect") {
         return (StatusCode::FOUND, [(header::LOCATION, "https://accounts.google.com/signin")]).into_response();

@@ -235,7 +235,7 @@ async fn a_token_for_another_service_account_is_never_used() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_upstream_401_causes_one_refetch_and_one_retry() {
+async fn a_front_end_401_causes_one_refetch_and_one_retry_at_most_every_30_s() {
     let world = World::start().await;
     let sidecar = Sidecar::start(&world.env(&format!("fn={FUNCTION_URL}")));
     let http = Http::new();
@@ -253,11 +253,40 @@ async fn an_upstream_401_causes_one_refetch_and_one_retry() {
     assert_eq!(world.google.identity_fetches.load(Ordering::SeqCst), 2, "one refetch");
     assert_eq!(world.function.requests(), 3, "the refused call and one retry");
 
-    // An upstream that keeps answering 401 gets exactly one retry.
-    let reply = http.get(&sidecar.url("/fn/status/401")).await;
+    // The fresh token refused too, within 30 s: answered as is, no refetch, no replay, and
+    // /readyz says why.
+    world.function.revoke_seen();
+    let request = Request::post(sidecar.url("/fn/c")).body(Full::new(Bytes::from_static(b"once"))).expect("request");
+    let reply = http.send(request).await.expect("answer");
     assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
-    assert_eq!(world.function.requests(), 5);
-    assert_eq!(world.google.identity_fetches.load(Ordering::SeqCst), 3);
+    assert!(reply.headers["www-authenticate"].to_str().is_ok_and(|v| v.contains("invalid_token")));
+    assert_eq!(world.function.requests(), 4, "no replay");
+    assert_eq!(world.google.identity_fetches.load(Ordering::SeqCst), 2, "no second refetch within 30 s");
+    let readyz = http.get(&sidecar.admin_url("/readyz")).await;
+    assert_eq!(readyz.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(readyz.text().contains("token refused by upstream: check audience and invoker role"), "{}", readyz.text());
+    sidecar.assert_log_free_of(&world.google.minted());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_apps_own_401_is_returned_as_is_never_replayed() {
+    let world = World::start().await;
+    let sidecar = Sidecar::start(&world.env(&format!("fn={FUNCTION_URL}")));
+    let http = Http::new();
+    assert_eq!(wait_ready(&http, &sidecar, READY).await.status, StatusCode::OK);
+    for n in 0..5 {
+        let request =
+            Request::post(sidecar.url("/fn/app-401")).body(Full::new(Bytes::from_static(b"x"))).expect("request");
+        let reply = http.send(request).await.expect("answer");
+        assert_eq!(reply.status, StatusCode::UNAUTHORIZED);
+        assert_eq!(reply.headers["www-authenticate"], "Basic realm=\"orders\"", "the app's challenge passes through");
+        assert_eq!(world.function.requests(), n + 1, "each POST reached the upstream once");
+    }
+    // A 401 with no challenge at all is the app's too.
+    assert_eq!(http.get(&sidecar.url("/fn/status/401")).await.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(world.function.requests(), 6);
+    assert_eq!(world.google.identity_fetches.load(Ordering::SeqCst), 1, "the token was never dropped");
+    assert_eq!(http.get(&sidecar.admin_url("/readyz")).await.status, StatusCode::OK);
     sidecar.assert_log_free_of(&world.google.minted());
 }
 
