@@ -194,12 +194,19 @@ fn parse_url(name: &str, url: &str) -> Result<Url, UpstreamError> {
     Ok(parsed)
 }
 
-/// The audience Google expects: the origin for Cloud Run (`*.run.app`), otherwise the URL as
-/// written without query or fragment (Cloud Functions gen1 needs the full function URL).
+/// The audience Google expects: the origin for Cloud Run (`*.run.app`); for Cloud Functions
+/// (`*.cloudfunctions.net`) the function URL `https://HOST/FUNCTION`, the first path segment only
+/// (gen1 accepts exactly that; the rest of a longer URL is a route inside the function);
+/// otherwise the URL as written without query or fragment.
 fn default_audience(url: &str, parsed: &Url) -> String {
     let host = parsed.host_str().unwrap_or_default();
     if host.ends_with(".run.app") {
         return parsed.origin().ascii_serialization();
+    }
+    if host.ends_with(".cloudfunctions.net") {
+        if let Some(function) = parsed.path_segments().and_then(|mut s| s.next()).filter(|s| !s.is_empty()) {
+            return format!("{}/{function}", parsed.origin().ascii_serialization());
+        }
     }
     let end = url.find(['?', '#']).unwrap_or(url.len());
     url[..end].to_owned()
@@ -224,6 +231,15 @@ mod tests {
                 "fn=https://europe-west1-host.cloudfunctions.net/orders?x=1#top",
                 "https://europe-west1-host.cloudfunctions.net/orders",
             ),
+            (
+                "fn=https://europe-west1-host.cloudfunctions.net/orders/v1/items",
+                "https://europe-west1-host.cloudfunctions.net/orders",
+            ),
+            (
+                "fn=https://europe-west1-host.cloudfunctions.net/orders/",
+                "https://europe-west1-host.cloudfunctions.net/orders",
+            ),
+            ("fn=https://europe-west1-host.cloudfunctions.net/", "https://europe-west1-host.cloudfunctions.net/"),
             ("api=https://api.example.com", "https://api.example.com"),
         ];
         for (list, audience) in cases {

@@ -363,3 +363,17 @@ async fn unreachable_and_slow_upstreams_get_502_and_504() {
     assert_eq!(sidecar.terminate(), Some(0), "SIGTERM stops the sidecar cleanly");
     sidecar.assert_log_free_of(&world.google.minted());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_url_longer_than_the_function_asks_for_the_functions_audience() {
+    let world = World::start().await;
+    // The fake front end accepts exactly the function URL as audience, as gen1 does.
+    let sidecar = Sidecar::start(&world.env(&format!("v1={FUNCTION_URL}/v1")));
+    let http = Http::new();
+    assert_eq!(wait_ready(&http, &sidecar, READY).await.status, StatusCode::OK, "{}", sidecar.log());
+    let reply = http.get(&sidecar.url("/v1/items")).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.json()["audience"], FUNCTION_URL);
+    assert_eq!(reply.json()["path"], "/orders/v1/items", "the rest of the URL is a route inside the function");
+    sidecar.assert_log_free_of(&world.google.minted());
+}

@@ -234,7 +234,7 @@ pub fn inject(pod: &Pod, inputs: &Inputs) -> Result<Outcome, Denial> {
         Refusal::NoSinglePolicy { policies } => Denial::NoSinglePolicy { gsa: gsa.clone(), policies },
     })?;
 
-    let mut warnings = upstream_warnings(&settings.upstreams);
+    let mut warnings = upstream_warnings(&settings.upstreams, settings.token_header);
     let service_account = match ksa_lookup {
         // Off GKE the ServiceAccount's annotation means nothing to anyone: federation maps the
         // KSA's token to the GSA through IAM bindings.
@@ -325,11 +325,25 @@ fn check_ports(spec: &PodSpec, port: u16) -> Result<(), Denial> {
     Ok(())
 }
 
-fn upstream_warnings(upstreams: &[Upstream]) -> Vec<String> {
+fn upstream_warnings(upstreams: &[Upstream], pod_header: TokenHeader) -> Vec<String> {
     let mut warnings = Vec::new();
     for upstream in upstreams {
         let name = &upstream.name;
         let host = upstream.parsed.host_str().unwrap_or_default();
+        let function = host.ends_with(".cloudfunctions.net");
+        // A second path segment: the URL names a route inside the function, not the function.
+        let beyond_function = upstream.parsed.path().split('/').filter(|s| !s.is_empty()).nth(1).is_some();
+        if function && !upstream.audience_explicit && beyond_function {
+            warnings.push(format!(
+                "upstream {name:?}: URL {} is longer than the function URL: the token's audience is {} (Cloud Functions accepts exactly https://{host}/FUNCTION), and the rest of the path is a route inside the function",
+                upstream.url, upstream.audience
+            ));
+        }
+        if function && upstream.header.unwrap_or(pod_header) == TokenHeader::XServerlessAuthorization {
+            warnings.push(format!(
+                "upstream {name:?}: x-serverless-authorization is documented for Cloud Run and gen2 functions (their run.app URL), not for cloudfunctions.net URLs: a gen1 function reads Authorization only; use header=authorization or the function's run.app URL"
+            ));
+        }
         let host_only = |audience: &str| {
             audience.trim_end_matches('/').strip_prefix("https://").is_some_and(|rest| !rest.contains('/'))
         };
