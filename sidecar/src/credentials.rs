@@ -172,12 +172,7 @@ impl ServiceAccountKey {
             .append_pair("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer")
             .append_pair("assertion", &assertion)
             .finish();
-        let request = Request::builder()
-            .method(Method::POST)
-            .uri(&self.token_uri)
-            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
-            .body(Full::new(Bytes::from(form)));
-        let body = send(clients, request, "token endpoint").await?;
+        let body = send(clients, form_post(&self.token_uri, form), "token endpoint").await?;
         json_field(&body, "id_token", "token endpoint")
     }
 }
@@ -390,12 +385,7 @@ impl ExternalAccount {
             .append_pair("subject_token", &subject)
             .append_pair("subject_token_type", &self.subject_token_type)
             .finish();
-        let request = Request::builder()
-            .method(Method::POST)
-            .uri(&self.token_url)
-            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
-            .body(Full::new(Bytes::from(form)));
-        let body = send(clients, request, "STS").await?;
+        let body = send(clients, form_post(&self.token_url, form), "STS").await?;
         let token = json_field(&body, "access_token", "STS")?;
         let lifetime = serde_json::from_slice::<serde_json::Value>(&body)
             .ok()
@@ -425,6 +415,15 @@ impl ExternalAccount {
         }
         Ok(token)
     }
+}
+
+/// A form-encoded POST, as OAuth token endpoints take them.
+fn form_post(uri: &str, form: String) -> Result<Request<Full<Bytes>>, http::Error> {
+    Request::builder()
+        .method(Method::POST)
+        .uri(uri)
+        .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+        .body(Full::new(Bytes::from(form)))
 }
 
 fn json_field(body: &[u8], field: &str, source_name: &'static str) -> Result<String, FetchError> {

@@ -34,6 +34,18 @@ fn env_of(container: &Value) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Polls `/readyz` for up to 20 s; returns its last answer.
+async fn wait_ready(http: &Http, sidecar: &Sidecar) -> wiproxy_tests::client::Reply {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let reply = http.get(&sidecar.admin_url("/readyz")).await;
+        if reply.status.is_success() || Instant::now() > deadline {
+            return reply;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     std::env::set_current_dir(&root).context("entering the project root")?;
@@ -113,14 +125,7 @@ async fn demo() -> anyhow::Result<()> {
     env.extend(local);
     let sidecar = Sidecar::start(&env);
     let http = Http::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let ready = loop {
-        let reply = http.get(&sidecar.admin_url("/readyz")).await;
-        if reply.status.is_success() || Instant::now() > deadline {
-            break reply;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let ready = wait_ready(&http, &sidecar).await;
     println!("  /readyz {}: {}", ready.status.as_u16(), ready.text());
     if !ready.status.is_success() {
         bail!("the sidecar did not become ready:\n{}", sidecar.log());
@@ -269,14 +274,7 @@ async fn federation(world: &World) -> anyhow::Result<()> {
     env.extend(local);
     let sidecar = Sidecar::start(&env);
     let http = Http::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let ready = loop {
-        let reply = http.get(&sidecar.admin_url("/readyz")).await;
-        if reply.status.is_success() || Instant::now() > deadline {
-            break reply;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let ready = wait_ready(&http, &sidecar).await;
     println!("  /readyz {}", ready.status.as_u16());
     if !ready.status.is_success() {
         bail!("the sidecar did not become ready through federation:\n{}", sidecar.log());
