@@ -4,6 +4,7 @@
 //! upstream refused), and fail closed with the reason when there is none to give.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -24,6 +25,10 @@ struct Slot {
     state: Mutex<State>,
     /// Bumped on every change of `state`.
     changed: watch::Sender<u64>,
+    /// A fresh token was refused again within `FORCED_REFETCH_INTERVAL`: the audience or the
+    /// invoker role is wrong, not the token. Cleared by the next answer that is not a refusal.
+    /// An atomic, so the proxy's check after every answer takes no lock.
+    refused: AtomicBool,
     /// Cuts the refresher's sleep short: a token was refused upstream.
     wake: Notify,
 }
@@ -34,9 +39,6 @@ struct State {
     error: Option<String>,
     /// When an upstream's refusal last made the slot drop its token.
     last_forced: Option<Instant>,
-    /// A fresh token was refused again within `FORCED_REFETCH_INTERVAL`: the audience or the
-    /// invoker role is wrong, not the token. Cleared by the next answer that is not a refusal.
-    refused: bool,
 }
 
 /// At most one refetch forced by upstream refusals per audience in this time.
@@ -90,7 +92,13 @@ impl TokenCache {
         let mut slots = HashMap::new();
         for audience in audiences {
             slots.entry(audience.clone()).or_insert_with(|| {
-                Arc::new(Slot { audience, state: Mutex::default(), changed: watch::channel(0).0, wake: Notify::new() })
+                Arc::new(Slot {
+                    audience,
+                    state: Mutex::default(),
+                    changed: watch::channel(0).0,
+                    refused: AtomicBool::new(false),
+                    wake: Notify::new(),
+                })
             });
         }
         for slot in slots.values() {
@@ -144,7 +152,7 @@ impl TokenCache {
                 // Already replaced (or being replaced) after another request's refusal.
                 retry = true;
             } else if state.last_forced.is_some_and(|at| at.elapsed() < FORCED_REFETCH_INTERVAL) {
-                state.refused = true;
+                slot.refused.store(true, Ordering::Relaxed);
             } else {
                 state.token = None;
                 state.error = None;
@@ -162,8 +170,9 @@ impl TokenCache {
     /// An upstream answered without refusing the token: a refusal reported before is over.
     pub fn accepted(&self, audience: &str) {
         let Some(slot) = self.slots.get(audience) else { return };
-        if slot.state().refused {
-            slot.update(|state| state.refused = false);
+        // A read first: the common case writes nothing to the shared flag.
+        if slot.refused.load(Ordering::Relaxed) {
+            slot.refused.store(false, Ordering::Relaxed);
         }
     }
 
@@ -176,7 +185,7 @@ impl TokenCache {
             .map(|slot| {
                 let state = slot.state();
                 let result = match (&state.token, &state.error) {
-                    _ if state.refused => Err(REFUSED.to_owned()),
+                    _ if slot.refused.load(Ordering::Relaxed) => Err(REFUSED.to_owned()),
                     (Some(token), _) if token.servable(now) => Ok(token.ttl_seconds(now)),
                     (_, Some(error)) => Err(error.clone()),
                     _ => Err("waiting for the first token".to_owned()),
