@@ -19,6 +19,8 @@ pub const PORT_ANNOTATION: &str = "wiproxy.io/port";
 pub const TOKEN_HEADER_ANNOTATION: &str = "wiproxy.io/token-header";
 /// Pod annotation listing containers that get no environment variables.
 pub const SKIP_CONTAINERS_ANNOTATION: &str = "wiproxy.io/skip-containers";
+/// Pod annotation overriding the sidecar's admin port.
+pub const ADMIN_PORT_ANNOTATION: &str = "wiproxy.io/admin-port";
 /// Pod annotation overriding the webhook's native-sidecar default.
 pub const NATIVE_SIDECAR_ANNOTATION: &str = "wiproxy.io/native-sidecar";
 /// Pod annotation written by the webhook; its presence marks an injected pod.
@@ -35,8 +37,19 @@ pub const GKE_METADATA_NODE_LABEL: &str = "iam.gke.io/gke-metadata-server-enable
 pub const SIDECAR_CONTAINER: &str = "wiproxy";
 /// Default proxy port on the pod's loopback.
 pub const DEFAULT_PORT: u16 = 15080;
-/// Port of the sidecar's admin server (`/healthz`, `/readyz`, `/metrics`).
-pub const ADMIN_PORT: u16 = 15090;
+/// Default port of the sidecar's admin server (`/healthz`, `/readyz`, `/metrics`), outside every
+/// well-known port of the service meshes a pod may also carry (see [`mesh_ports`]).
+pub const ADMIN_PORT: u16 = 15081;
+
+/// The ports a service mesh's proxy binds inside the pod, whether or not its container declares
+/// them: Istio and Cloud Service Mesh ("Ports used by Istio",
+/// https://istio.io/latest/docs/ops/deployment/application-requirements/#ports-used-by-istio),
+/// and Linkerd (https://linkerd.io/2/reference/architecture/#proxy: 4140 outbound, 4143 inbound,
+/// 4190 tap, 4191 admin).
+pub mod mesh_ports {
+    pub const ISTIO: &[u16] = &[15000, 15001, 15004, 15006, 15008, 15009, 15020, 15021, 15053, 15090];
+    pub const LINKERD: &[u16] = &[4140, 4143, 4190, 4191];
+}
 
 /// Environment variables the webhook sets on the sidecar and on app containers.
 pub mod env {

@@ -53,7 +53,7 @@ pub struct Settings {
     #[arg(long, global = true, env = "WIPROXY_LISTEN", default_value = "127.0.0.1:15080")]
     pub listen: SocketAddr,
     /// Address of the admin server (/healthz, /readyz, /metrics).
-    #[arg(long, global = true, env = "WIPROXY_ADMIN_LISTEN", default_value = "0.0.0.0:15090")]
+    #[arg(long, global = true, env = "WIPROXY_ADMIN_LISTEN", default_value = "0.0.0.0:15081")]
     pub admin_listen: SocketAddr,
     /// Header the token travels in: authorization or x-serverless-authorization.
     #[arg(long, global = true, env = "WIPROXY_TOKEN_HEADER", default_value = "authorization")]

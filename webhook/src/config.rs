@@ -10,7 +10,7 @@ use serde_json::Value;
 use wiproxy_common::logging::LogFormat;
 
 use crate::certs::SelfSigned;
-use crate::inject::{Federation, SidecarSettings};
+use crate::inject::{self, Federation, SidecarSettings};
 use crate::render::{RenderError, RenderJob, RenderOptions};
 use crate::yaml;
 
@@ -39,16 +39,30 @@ pub enum Command {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum NativeSidecars {
-    /// Native when the API server is 1.29 or newer.
+    /// Native when the API server and every node's kubelet are 1.29 or newer (`render`: the
+    /// Node documents of --cluster-file).
     Auto,
     Always,
     Never,
 }
 
+impl NativeSidecars {
+    /// The injection's setting once the API server's version is known (`None`: no API server).
+    pub fn settle(self, api_server_supports: Option<bool>) -> inject::NativeSidecars {
+        match (self, api_server_supports) {
+            (Self::Always, _) => inject::NativeSidecars::Always,
+            (Self::Never, _) | (Self::Auto, Some(false)) => inject::NativeSidecars::Never,
+            (Self::Auto, _) => inject::NativeSidecars::WhereKubeletsAllow,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum RenderNativeSidecars {
-    Always,
-    Never,
+pub enum GkeAutopilot {
+    /// Detected at start from the cluster (`false` without a Kubernetes API).
+    Auto,
+    True,
+    False,
 }
 
 /// Flags shared by `serve` and `render`.
@@ -71,16 +85,24 @@ pub struct SharedArgs {
     /// Injected sidecars then exchange a projected token instead of asking the GKE metadata server.
     #[arg(long, env = "WIPROXY_WEBHOOK_WORKLOAD_IDENTITY_PROVIDER", value_name = "PROVIDER")]
     pub workload_identity_provider: Option<String>,
-    /// Container resources of the sidecar, as JSON (the chart passes `sidecar.resources`).
-    #[arg(long, env = "WIPROXY_WEBHOOK_SIDECAR_RESOURCES", value_name = "JSON", default_value_t = SidecarSettings::default_resources().to_string())]
-    pub sidecar_resources: String,
+    /// Container resources of the sidecar, as JSON (the chart passes `sidecar.resources`). By
+    /// default SidecarSettings::default_resources, or on GKE Autopilot requests equal to limits at
+    /// Autopilot's minimums, so Autopilot takes them as they are.
+    #[arg(long, env = "WIPROXY_WEBHOOK_SIDECAR_RESOURCES", value_name = "JSON")]
+    pub sidecar_resources: Option<String>,
 }
 
 impl SharedArgs {
-    pub fn sidecar(&self, native: bool) -> Result<SidecarSettings, String> {
-        let resources: Value = serde_json::from_str(&self.sidecar_resources).map_err(|e| {
-            format!("--sidecar-resources is not JSON ({e}): write e.g. {}", SidecarSettings::default_resources())
-        })?;
+    pub fn sidecar(&self, native: inject::NativeSidecars, autopilot: bool) -> Result<SidecarSettings, String> {
+        let default_resources = || match autopilot {
+            true => SidecarSettings::autopilot_resources(),
+            false => SidecarSettings::default_resources(),
+        };
+        let resources: Value = match self.sidecar_resources.as_deref().filter(|r| !r.trim().is_empty()) {
+            None => default_resources(),
+            Some(resources) => serde_json::from_str(resources)
+                .map_err(|e| format!("--sidecar-resources is not JSON ({e}): write e.g. {}", default_resources()))?,
+        };
         let valid = resources.as_object().is_some_and(|map| {
             map.iter().all(|(key, value)| match key.as_str() {
                 "requests" | "limits" => value.is_object(),
@@ -91,7 +113,7 @@ impl SharedArgs {
         if !valid {
             return Err(format!(
                 "--sidecar-resources must be an object with \"requests\" and/or \"limits\": write e.g. {}",
-                SidecarSettings::default_resources()
+                default_resources()
             ));
         }
         if self.sidecar_image.trim().is_empty() {
@@ -103,7 +125,7 @@ impl SharedArgs {
             .filter(|p| !p.trim().is_empty())
             .map(Federation::new)
             .transpose()?;
-        Ok(SidecarSettings { image: self.sidecar_image.clone(), native, resources, federation })
+        Ok(SidecarSettings { image: self.sidecar_image.clone(), native, resources, federation, autopilot })
     }
 }
 
@@ -150,6 +172,10 @@ pub struct ServeArgs {
     /// Inject native sidecars (Kubernetes 1.29+).
     #[arg(long, env = "WIPROXY_WEBHOOK_NATIVE_SIDECARS", value_enum, default_value_t = NativeSidecars::Auto)]
     pub native_sidecars: NativeSidecars,
+    /// GKE Autopilot: no metadata-server node selector (Autopilot rejects it) and Autopilot's
+    /// sidecar resources.
+    #[arg(long, env = "WIPROXY_WEBHOOK_GKE_AUTOPILOT", value_enum, default_value_t = GkeAutopilot::Auto)]
+    pub gke_autopilot: GkeAutopilot,
     /// Longest wait for in-flight reviews after SIGTERM, in seconds.
     #[arg(long, env = "WIPROXY_WEBHOOK_DRAIN_TIMEOUT", value_name = "SECONDS", default_value_t = 20)]
     pub drain_timeout: u64,
@@ -237,8 +263,11 @@ pub struct RenderArgs {
     #[arg(short = 'n', long, env = "WIPROXY_WEBHOOK_NAMESPACE", default_value = "default")]
     pub namespace: String,
     /// Inject native sidecars.
-    #[arg(long, env = "WIPROXY_WEBHOOK_NATIVE_SIDECARS", value_enum, default_value_t = RenderNativeSidecars::Always)]
-    pub native_sidecars: RenderNativeSidecars,
+    #[arg(long, env = "WIPROXY_WEBHOOK_NATIVE_SIDECARS", value_enum, default_value_t = NativeSidecars::Always)]
+    pub native_sidecars: NativeSidecars,
+    /// Render for GKE Autopilot: no metadata-server node selector, Autopilot's sidecar resources.
+    #[arg(long, env = "WIPROXY_WEBHOOK_GKE_AUTOPILOT", value_name = "true|false", default_value_t = false, action = ArgAction::Set)]
+    pub gke_autopilot: bool,
     #[command(flatten)]
     pub shared: SharedArgs,
 }
@@ -262,10 +291,10 @@ impl RenderArgs {
             Some(path) => yaml::parse_stream(&yaml::read_file(path)?, &path.display().to_string())?,
             None => Vec::new(),
         };
-        let native = self.native_sidecars == RenderNativeSidecars::Always;
+        let native = self.native_sidecars.settle(None);
         let options = RenderOptions {
             namespace: self.namespace.clone(),
-            sidecar: self.shared.sidecar(native).map_err(RenderError::Config)?,
+            sidecar: self.shared.sidecar(native, self.gke_autopilot).map_err(RenderError::Config)?,
             policies,
             policy_required: self.shared.policy_required,
             cluster,

@@ -1,8 +1,9 @@
 //! Why the webhook refuses a pod. Each message names the annotation or field, the bad value and the fix.
 
 use wiproxy_common::{
-    UpstreamError, GKE_SERVICE_ACCOUNT_ANNOTATION, INJECT_LABEL, NATIVE_SIDECAR_ANNOTATION, PORT_ANNOTATION,
-    SERVICE_ACCOUNT_ANNOTATION, SIDECAR_CONTAINER, TOKEN_HEADER_ANNOTATION, UPSTREAMS_ANNOTATION,
+    UpstreamError, ADMIN_PORT_ANNOTATION, GKE_METADATA_NODE_LABEL, GKE_SERVICE_ACCOUNT_ANNOTATION, INJECT_LABEL,
+    NATIVE_SIDECAR_ANNOTATION, PORT_ANNOTATION, SERVICE_ACCOUNT_ANNOTATION, SIDECAR_CONTAINER, TOKEN_HEADER_ANNOTATION,
+    UPSTREAMS_ANNOTATION,
 };
 
 fn list(names: &[String]) -> String {
@@ -21,16 +22,16 @@ pub enum Denial {
     Upstreams(#[from] UpstreamError),
     #[error("annotation {annotation} is {len} bytes long, more than the {max} allowed: shorten it")]
     TooLong { annotation: &'static str, len: usize, max: usize },
-    #[error("annotation {PORT_ANNOTATION}: {value:?} is not a port number from 1024 to 65535 (the sidecar runs as non-root): write e.g. \"15080\"")]
-    BadPort { value: String },
-    #[error("annotation {PORT_ANNOTATION}: port {port} is already used by container {container:?}: pick another port in {PORT_ANNOTATION}")]
-    PortClash { port: u16, container: String },
-    #[error("annotation {PORT_ANNOTATION}: port {port} is the sidecar's admin port: pick another port")]
-    AdminPort { port: u16 },
-    #[error(
-        "container {container:?} listens on {port}, the sidecar's admin port: move that container to another port"
-    )]
-    AdminPortClash { port: u16, container: String },
+    #[error("annotation {annotation}: {value:?} is not a port number from 1024 to 65535 (the sidecar runs as non-root): write e.g. \"15080\"")]
+    BadPort { annotation: &'static str, value: String },
+    #[error("annotation {annotation}: port {port} is already used by {taken_by} in this pod: set {annotation} to a free port")]
+    PortClash { annotation: &'static str, port: u16, taken_by: String },
+    #[error("annotations {PORT_ANNOTATION} and {ADMIN_PORT_ANNOTATION} are both {port}: the proxy and the admin server need a port each")]
+    SamePorts { port: u16 },
+    #[error("{field} places the pod on Windows nodes, but the wiproxy sidecar is a Linux container: run the workload on Linux nodes, or remove the label {INJECT_LABEL}")]
+    Windows { field: &'static str },
+    #[error("{field} keeps the pod off the nodes labelled {GKE_METADATA_NODE_LABEL}=true{}, the only nodes where the GKE metadata server hands out Workload Identity tokens: remove that constraint, or the label {INJECT_LABEL}", if .value.is_empty() { String::new() } else { format!(" (it asks for {:?})", .value) })]
+    MetadataServerExcluded { field: &'static str, value: String },
     #[error("annotation {TOKEN_HEADER_ANNOTATION}: {value:?} is not supported: use authorization or x-serverless-authorization")]
     BadTokenHeader { value: String },
     #[error("annotation {NATIVE_SIDECAR_ANNOTATION}: {value:?} is not a boolean: write \"true\" or \"false\"")]
@@ -43,14 +44,19 @@ pub enum Denial {
     NoServiceAccount { namespace: String, ksa: String },
     #[error("ServiceAccount {namespace}/{ksa} is mapped to {mapped} ({GKE_SERVICE_ACCOUNT_ANNOTATION}) but annotation {SERVICE_ACCOUNT_ANNOTATION} asks for {wanted}: use the same GSA, or a ServiceAccount of its own for this workload")]
     KsaConflict { namespace: String, ksa: String, mapped: String, wanted: String },
-    #[error("the pod runs as ServiceAccount \"default\" in namespace {namespace}, which no TokenProxyPolicy allows: set spec.serviceAccountName to a ServiceAccount of this workload, or set allowDefaultKsa: true in a policy")]
-    DefaultKsa { namespace: String },
+    #[error("the pod runs as ServiceAccount \"default\" in namespace {namespace}, and {}: set spec.serviceAccountName to a ServiceAccount of this workload, or set allowDefaultKsa: true in that policy", match .policy {
+        Some(policy) => format!("TokenProxyPolicy {policy}, which allows the pod's GSA and upstreams, does not set allowDefaultKsa"),
+        None => "no TokenProxyPolicy selects the namespace".to_owned(),
+    })]
+    DefaultKsa { namespace: String, policy: Option<String> },
     #[error("no TokenProxyPolicy selects namespace {namespace}: ask the platform team for a policy whose namespaceSelector matches it")]
     NoPolicy { namespace: String },
     #[error("Google service account {gsa} is not allowed in namespace {namespace} by TokenProxyPolicy {}: use a GSA that a policy lists in spec.serviceAccounts ({SERVICE_ACCOUNT_ANNOTATION}), or ask the platform team to allow it", list(.policies))]
     ServiceAccountNotAllowed { gsa: String, namespace: String, policies: Vec<String> },
     #[error("annotation {UPSTREAMS_ANNOTATION}: upstream {upstream:?} URL {url} is not allowed for {gsa} in namespace {namespace} by TokenProxyPolicy {}: use a URL under one of the policy's spec.upstreams, or ask the platform team to allow it", list(.policies))]
     UpstreamNotAllowed { upstream: String, url: String, gsa: String, namespace: String, policies: Vec<String> },
+    #[error("annotation {UPSTREAMS_ANNOTATION}: upstream {upstream:?} asks for tokens with audience {audience:?}, which TokenProxyPolicy {} does not allow for {gsa} in namespace {namespace}: drop ';audience=' to use the URL's default, or ask the platform team to add it to spec.audiences", list(.policies))]
+    AudienceNotAllowed { upstream: String, audience: String, gsa: String, namespace: String, policies: Vec<String> },
     #[error("no single TokenProxyPolicy among {} allows {gsa} and every upstream of annotation {UPSTREAMS_ANNOTATION}: split the upstreams across workloads, or ask the platform team for one policy that covers them all", list(.policies))]
     NoSinglePolicy { gsa: String, policies: Vec<String> },
     #[error("a container named {SIDECAR_CONTAINER:?} exists but the pod carries no wiproxy.io/status: rename that container")]
@@ -75,8 +81,9 @@ impl Denial {
             Self::NoUpstreams => "no_upstreams",
             Self::Upstreams(_) => "bad_upstreams",
             Self::TooLong { .. } => "annotation_too_long",
-            Self::BadPort { .. } | Self::AdminPort { .. } => "bad_port",
-            Self::PortClash { .. } | Self::AdminPortClash { .. } => "port_clash",
+            Self::BadPort { .. } => "bad_port",
+            Self::PortClash { .. } | Self::SamePorts { .. } => "port_clash",
+            Self::Windows { .. } | Self::MetadataServerExcluded { .. } => "node_placement",
             Self::BadTokenHeader { .. } => "bad_token_header",
             Self::BadNativeSidecar { .. } => "bad_native_sidecar",
             Self::BadServiceAccount { .. } | Self::BadKsaServiceAccount { .. } => "bad_service_account",
@@ -86,6 +93,7 @@ impl Denial {
             Self::NoPolicy { .. } => "no_policy",
             Self::ServiceAccountNotAllowed { .. } => "service_account_not_allowed",
             Self::UpstreamNotAllowed { .. } | Self::NoSinglePolicy { .. } => "upstream_not_allowed",
+            Self::AudienceNotAllowed { .. } => "audience_not_allowed",
             Self::ContainerNameTaken => "container_name_taken",
             Self::VolumeNameTaken { .. } => "volume_name_taken",
             Self::Malformed(_) => "malformed_pod",

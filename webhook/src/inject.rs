@@ -5,11 +5,11 @@ use std::collections::BTreeMap;
 
 use json_patch::{AddOperation, Patch, PatchOperation};
 use jsonptr::PointerBuf;
-use k8s_openapi::api::core::v1::{Container, Pod, PodSpec};
+use k8s_openapi::api::core::v1::{Container, NodeSelectorTerm, Pod, PodSpec};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use wiproxy_common::{
-    env, is_service_account_email, parse_upstreams, TokenHeader, Upstream, ADMIN_PORT,
+    env, is_service_account_email, parse_upstreams, TokenHeader, Upstream, ADMIN_PORT, ADMIN_PORT_ANNOTATION,
     CREDENTIAL_CONFIGURATION_ANNOTATION, DEFAULT_PORT, GKE_METADATA_NODE_LABEL, INJECT_LABEL,
     NATIVE_SIDECAR_ANNOTATION, PORT_ANNOTATION, SERVICE_ACCOUNT_ANNOTATION, SIDECAR_CONTAINER,
     SKIP_CONTAINERS_ANNOTATION, STATUS_ANNOTATION, TOKEN_HEADER_ANNOTATION, UPSTREAMS_ANNOTATION,
@@ -17,6 +17,7 @@ use wiproxy_common::{
 
 use crate::cluster::{ClusterState, KsaLookup};
 use crate::denial::Denial;
+use crate::mesh::{self, Mesh};
 use crate::policy::{PolicySet, Refusal};
 
 /// Longest `wiproxy.io/upstreams` accepted; Kubernetes caps all annotations of an object at 256 KiB.
@@ -26,13 +27,29 @@ pub const MAX_UPSTREAMS_LEN: usize = 32 * 1024;
 #[derive(Debug, Clone)]
 pub struct SidecarSettings {
     pub image: String,
-    /// Native sidecar (first init container with `restartPolicy: Always`) unless the pod says otherwise.
-    pub native: bool,
+    /// Whether the sidecar is native (an init container with `restartPolicy: Always`) unless the
+    /// pod says otherwise.
+    pub native: NativeSidecars,
     /// Container `resources`, as Kubernetes JSON.
     pub resources: Value,
     /// Workload Identity Federation instead of GKE's Workload Identity (clusters outside GKE).
     pub federation: Option<Federation>,
+    /// GKE Autopilot: no metadata-server node selector, which Autopilot rejects.
+    pub autopilot: bool,
 }
+
+/// Where native sidecars are used when the pod does not say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NativeSidecars {
+    Always,
+    Never,
+    /// Native when every node's kubelet is 1.29 or newer (the API server is, already): a native
+    /// sidecar on an older kubelet never lets the pod out of Init.
+    WhereKubeletsAllow,
+}
+
+/// The oldest kubelet that runs native sidecars (on by default from Kubernetes 1.29).
+pub const NATIVE_SIDECAR_KUBELET: (u32, u32) = (1, 29);
 
 /// Workload Identity Federation for clusters outside GKE: the sidecar exchanges a projected
 /// ServiceAccount token of this cluster at Google's STS, then mints the GSA's ID tokens.
@@ -104,11 +121,29 @@ impl SidecarSettings {
     pub fn default_resources() -> Value {
         json!({"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "64Mi"}})
     }
+
+    /// On GKE Autopilot ("Resource requests in Autopilot",
+    /// https://cloud.google.com/kubernetes-engine/docs/concepts/autopilot-resource-requests):
+    /// requests below the minimum are raised silently, limits are set equal to requests where
+    /// the cluster does not burst, and a container that names no ephemeral storage gets 1 GiB.
+    /// So: requests equal to limits, at the general-purpose minimums of bursting clusters (50m
+    /// CPU, 52 MiB memory; memory 1 to 6.5 times the CPU in GiB per vCPU), with the sidecar's
+    /// usual 64 MiB memory and 10 MiB of ephemeral storage (it writes nothing).
+    pub fn autopilot_resources() -> Value {
+        let amounts = json!({"cpu": "50m", "memory": "64Mi", "ephemeral-storage": "10Mi"});
+        json!({"requests": amounts, "limits": amounts})
+    }
 }
 
 impl Default for SidecarSettings {
     fn default() -> Self {
-        Self { image: Self::default_image(), native: true, resources: Self::default_resources(), federation: None }
+        Self {
+            image: Self::default_image(),
+            native: NativeSidecars::Always,
+            resources: Self::default_resources(),
+            federation: None,
+            autopilot: false,
+        }
     }
 }
 
@@ -156,6 +191,7 @@ struct Settings {
     upstreams: Vec<Upstream>,
     upstreams_entries: String,
     port: u16,
+    admin_port: u16,
     token_header: TokenHeader,
     native: bool,
     skip: Vec<String>,
@@ -169,7 +205,9 @@ pub fn inject(pod: &Pod, inputs: &Inputs) -> Result<Outcome, Denial> {
     let annotations = pod.metadata.annotations.clone().unwrap_or_default();
     let spec = pod.spec.as_ref().ok_or(Denial::NoSpec)?;
     let has_sidecar = all_containers(spec).any(|c| c.name == SIDECAR_CONTAINER);
-    if annotations.contains_key(STATUS_ANNOTATION) {
+    // A status without the sidecar it describes (forged, or copied from another pod) never skips
+    // the checks below.
+    if has_sidecar && annotations.contains_key(STATUS_ANNOTATION) {
         return Ok(Outcome::AlreadyInjected);
     }
     if has_sidecar {
@@ -182,11 +220,20 @@ pub fn inject(pod: &Pod, inputs: &Inputs) -> Result<Outcome, Denial> {
         return Err(Denial::VolumeNameTaken { volume: FEDERATION_VOLUME });
     }
 
-    let settings = read_settings(&annotations, inputs.sidecar.native)?;
-    check_ports(spec, settings.port)?;
+    check_placement(spec, inputs.sidecar.federation.is_none())?;
+    let native_default = match inputs.sidecar.native {
+        NativeSidecars::Always => true,
+        NativeSidecars::Never => false,
+        NativeSidecars::WhereKubeletsAllow => {
+            inputs.cluster.oldest_kubelet().is_none_or(|oldest| oldest.version >= NATIVE_SIDECAR_KUBELET)
+        }
+    };
+    let settings = read_settings(&annotations, native_default)?;
 
     let namespace = inputs.namespace;
     let namespace_labels = inputs.cluster.namespace_labels(namespace);
+    let meshes = mesh::detect(pod, &namespace_labels);
+    check_ports(spec, &settings, &meshes)?;
     let selecting = inputs.policies.selecting(&namespace_labels);
     let ksa = service_account_name(spec);
 
@@ -219,10 +266,6 @@ pub fn inject(pod: &Pod, inputs: &Inputs) -> Result<Outcome, Denial> {
             return Err(Denial::BadKsaServiceAccount { namespace: namespace.to_owned(), ksa, value: mapped.clone() });
         }
     }
-    if ksa == "default" && !selecting.iter().any(|p| p.allow_default_ksa) {
-        return Err(Denial::DefaultKsa { namespace: namespace.to_owned() });
-    }
-
     let allowance = inputs.policies.allow(&selecting, &gsa, &settings.upstreams).map_err(|refusal| match refusal {
         Refusal::NoPolicy => Denial::NoPolicy { namespace: namespace.to_owned() },
         Refusal::ServiceAccount { policies } => {
@@ -231,10 +274,24 @@ pub fn inject(pod: &Pod, inputs: &Inputs) -> Result<Outcome, Denial> {
         Refusal::Upstream { upstream, url, policies } => {
             Denial::UpstreamNotAllowed { upstream, url, gsa: gsa.clone(), namespace: namespace.to_owned(), policies }
         }
+        Refusal::Audience { upstream, audience, policies } => Denial::AudienceNotAllowed {
+            upstream,
+            audience,
+            gsa: gsa.clone(),
+            namespace: namespace.to_owned(),
+            policies,
+        },
         Refusal::NoSinglePolicy { policies } => Denial::NoSinglePolicy { gsa: gsa.clone(), policies },
     })?;
+    // The KSA named `default` is shared by every pod of the namespace that names none: only the
+    // policy that allows this pod can let it act as a GSA.
+    if ksa == "default" && !allowance.allow_default_ksa {
+        return Err(Denial::DefaultKsa { namespace: namespace.to_owned(), policy: allowance.policy });
+    }
 
     let mut warnings = upstream_warnings(&settings.upstreams, settings.token_header);
+    let pod_chose = annotations.contains_key(NATIVE_SIDECAR_ANNOTATION);
+    warnings.extend(kubelet_warning(&settings, inputs.sidecar.native, pod_chose, inputs.cluster));
     let service_account = match ksa_lookup {
         // Off GKE the ServiceAccount's annotation means nothing to anyone: federation maps the
         // KSA's token to the GSA through IAM bindings.
@@ -253,10 +310,13 @@ pub fn inject(pod: &Pod, inputs: &Inputs) -> Result<Outcome, Denial> {
 
     let mut patch = Vec::new();
     add_app_env(spec, &settings, &mut patch, &mut warnings);
-    add_sidecar(spec, &settings, &gsa, inputs.sidecar, &mut patch, &mut warnings);
+    add_sidecar(spec, &settings, &gsa, inputs.sidecar, &meshes, &mut patch, &mut warnings);
+    mesh::add_exclusions(pod, &meshes, settings.admin_port, &mut patch);
     match &inputs.sidecar.federation {
         // Off GKE there is no metadata server node label to select.
         Some(federation) => add_federation(spec, federation, &gsa, &mut patch),
+        // Every Autopilot node runs the metadata server, and Autopilot rejects the selector.
+        None if inputs.sidecar.autopilot => {}
         None => add_node_selector(spec, &mut patch),
     }
     patch.push(add(
@@ -285,14 +345,18 @@ fn read_settings(annotations: &BTreeMap<String, String>, native_default: bool) -
     let upstreams = parse_upstreams(raw)?;
     let upstreams_entries = upstreams.iter().map(Upstream::to_entry).collect::<Vec<_>>().join(",");
 
-    let port = match annotations.get(PORT_ANNOTATION).map(|v| v.trim()) {
-        None => DEFAULT_PORT,
+    let port_from = |annotation: &'static str, default: u16| match annotations.get(annotation).map(|v| v.trim()) {
+        None => Ok(default),
         Some(value) => match value.parse::<u16>() {
-            Ok(port) if port >= 1024 && port == ADMIN_PORT => return Err(Denial::AdminPort { port }),
-            Ok(port) if port >= 1024 => port,
-            _ => return Err(Denial::BadPort { value: value.to_owned() }),
+            Ok(port) if port >= 1024 => Ok(port),
+            _ => Err(Denial::BadPort { annotation, value: value.to_owned() }),
         },
     };
+    let port = port_from(PORT_ANNOTATION, DEFAULT_PORT)?;
+    let admin_port = port_from(ADMIN_PORT_ANNOTATION, ADMIN_PORT)?;
+    if port == admin_port {
+        return Err(Denial::SamePorts { port });
+    }
     let token_header = match annotations.get(TOKEN_HEADER_ANNOTATION) {
         None => TokenHeader::default(),
         Some(value) => TokenHeader::parse(value).ok_or_else(|| Denial::BadTokenHeader { value: value.clone() })?,
@@ -307,22 +371,110 @@ fn read_settings(annotations: &BTreeMap<String, String>, native_default: bool) -
         .get(SKIP_CONTAINERS_ANNOTATION)
         .map(|v| v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect())
         .unwrap_or_default();
-    Ok(Settings { upstreams, upstreams_entries, port, token_header, native, skip })
+    Ok(Settings { upstreams, upstreams_entries, port, admin_port, token_header, native, skip })
 }
 
-fn check_ports(spec: &PodSpec, port: u16) -> Result<(), Denial> {
+/// The sidecar's ports must be free in the pod's network namespace: no container declares them,
+/// and no service mesh proxy in the pod (or about to be injected) binds them.
+fn check_ports(spec: &PodSpec, settings: &Settings, meshes: &[Mesh]) -> Result<(), Denial> {
+    let ours = [(PORT_ANNOTATION, settings.port), (ADMIN_PORT_ANNOTATION, settings.admin_port)];
     for container in all_containers(spec) {
         for declared in container.ports.iter().flatten() {
             let declared = u16::try_from(declared.container_port).unwrap_or_default();
-            if declared == port {
-                return Err(Denial::PortClash { port, container: container.name.clone() });
-            }
-            if declared == ADMIN_PORT {
-                return Err(Denial::AdminPortClash { port: ADMIN_PORT, container: container.name.clone() });
+            if let Some((annotation, port)) = ours.iter().find(|(_, port)| *port == declared) {
+                return Err(Denial::PortClash {
+                    annotation,
+                    port: *port,
+                    taken_by: format!("container {:?}", container.name),
+                });
             }
         }
     }
+    for mesh in meshes {
+        if let Some((annotation, port)) = ours.iter().find(|(_, port)| mesh.kind.ports().contains(port)) {
+            return Err(Denial::PortClash {
+                annotation,
+                port: *port,
+                taken_by: format!("the {} proxy", mesh.kind.name()),
+            });
+        }
+    }
     Ok(())
+}
+
+/// Denies a pod that cannot run where the sidecar works: on Windows nodes (the sidecar is a
+/// Linux container), or, on GKE, off the nodes that run the metadata server.
+fn check_placement(spec: &PodSpec, gke: bool) -> Result<(), Denial> {
+    const OS_LABEL: &str = "kubernetes.io/os";
+    let selector = spec.node_selector.as_ref();
+    let terms = spec
+        .affinity
+        .as_ref()
+        .and_then(|a| a.node_affinity.as_ref())
+        .and_then(|n| n.required_during_scheduling_ignored_during_execution.as_ref())
+        .map(|required| required.node_selector_terms.as_slice())
+        .unwrap_or_default();
+    // Terms are ORed: the affinity excludes a label value only when every term does.
+    let affinity_excludes =
+        |key: &str, value: &str| !terms.is_empty() && terms.iter().all(|t| term_excludes(t, key, value));
+    if spec.os.as_ref().is_some_and(|os| os.name == "windows") {
+        return Err(Denial::Windows { field: "spec.os.name" });
+    }
+    if selector.and_then(|s| s.get(OS_LABEL)).is_some_and(|os| os == "windows") {
+        return Err(Denial::Windows { field: "spec.nodeSelector" });
+    }
+    if affinity_excludes(OS_LABEL, "linux") {
+        return Err(Denial::Windows { field: NODE_AFFINITY_FIELD });
+    }
+    if !gke {
+        return Ok(());
+    }
+    if let Some(value) = selector.and_then(|s| s.get(GKE_METADATA_NODE_LABEL)).filter(|v| *v != "true") {
+        return Err(Denial::MetadataServerExcluded { field: "spec.nodeSelector", value: value.clone() });
+    }
+    if affinity_excludes(GKE_METADATA_NODE_LABEL, "true") {
+        return Err(Denial::MetadataServerExcluded { field: NODE_AFFINITY_FIELD, value: String::new() });
+    }
+    Ok(())
+}
+
+const NODE_AFFINITY_FIELD: &str = "spec.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution";
+
+/// Whether no node whose label `key` is `value` matches the node selector term (its expressions
+/// are ANDed; Kubernetes' operators as in `NodeSelectorRequirement`).
+fn term_excludes(term: &NodeSelectorTerm, key: &str, value: &str) -> bool {
+    term.match_expressions.iter().flatten().filter(|e| e.key == key).any(|e| {
+        let values = e.values.as_deref().unwrap_or_default();
+        match e.operator.as_str() {
+            "In" => !values.iter().any(|v| v == value),
+            "NotIn" => values.iter().any(|v| v == value),
+            "DoesNotExist" => true,
+            // Gt and Lt compare integers: a value that is not one never matches.
+            "Gt" | "Lt" => value.parse::<i64>().is_err(),
+            _ => false,
+        }
+    })
+}
+
+/// On a cluster with kubelets older than 1.29, the warning that says which sidecar the pod got
+/// and why.
+fn kubelet_warning(
+    settings: &Settings,
+    mode: NativeSidecars,
+    pod_chose: bool,
+    cluster: &dyn ClusterState,
+) -> Option<String> {
+    let oldest = cluster.oldest_kubelet().filter(|oldest| oldest.version < NATIVE_SIDECAR_KUBELET)?;
+    let (node, version) = (&oldest.node, &oldest.raw);
+    match (settings.native, pod_chose) {
+        (false, false) if mode == NativeSidecars::WhereKubeletsAllow => Some(format!(
+            "node {node} runs kubelet {version}, older than 1.29, which cannot run native sidecars: the sidecar is a regular container; upgrade the node pool for a native sidecar"
+        )),
+        (true, _) => Some(format!(
+            "native sidecar, but node {node} runs kubelet {version}, older than 1.29: a pod scheduled there never leaves Init; upgrade the node pool, or set annotation {NATIVE_SIDECAR_ANNOTATION}: \"false\""
+        )),
+        _ => None,
+    }
 }
 
 fn upstream_warnings(upstreams: &[Upstream], pod_header: TokenHeader) -> Vec<String> {
@@ -409,18 +561,25 @@ fn add_sidecar(
     settings: &Settings,
     gsa: &str,
     sidecar: &SidecarSettings,
+    meshes: &[Mesh],
     patch: &mut Vec<PatchOperation>,
     warnings: &mut Vec<String>,
 ) {
     let container = sidecar_container(settings, gsa, sidecar);
     if settings.native {
+        // First, unless a mesh proxy runs as a native sidecar: then right after it, so the
+        // sidecar's connections find the proxy running.
+        let at = meshes.iter().filter_map(|m| m.native_proxy).map(|index| index + 1).max().unwrap_or(0);
         match spec.init_containers {
             None => patch.push(add(["spec", "initContainers"], Value::Array(vec![container]))),
-            Some(_) => patch.push(add(["spec", "initContainers", "0"], container)),
+            Some(_) => patch.push(add(["spec", "initContainers", &at.to_string()], container)),
         }
         return;
     }
-    patch.push(add(["spec", "containers", "0"], container));
+    // First, unless a mesh proxy leads the containers (Istio's holdApplicationUntilProxyStarts):
+    // then right after it.
+    let at = meshes.iter().filter_map(|m| m.leading_proxy).map(|index| index + 1).max().unwrap_or(0);
+    patch.push(add(["spec", "containers", &at.to_string()], container));
     if matches!(spec.restart_policy.as_deref(), Some("Never" | "OnFailure")) {
         warnings.push(format!(
             "the sidecar is a regular container, so a pod with restartPolicy {} never completes: set {NATIVE_SIDECAR_ANNOTATION}: \"true\" (Kubernetes 1.29+)",
@@ -437,7 +596,7 @@ fn add_sidecar(
 fn sidecar_container(settings: &Settings, gsa: &str, sidecar: &SidecarSettings) -> Value {
     let probe = |path: &str, period: u32, failures: u32| {
         json!({
-            "httpGet": {"path": path, "port": ADMIN_PORT},
+            "httpGet": {"path": path, "port": settings.admin_port},
             "periodSeconds": period,
             "timeoutSeconds": 2,
             "failureThreshold": failures,
@@ -451,12 +610,12 @@ fn sidecar_container(settings: &Settings, gsa: &str, sidecar: &SidecarSettings) 
         "env": [
             {"name": env::UPSTREAMS, "value": settings.upstreams_entries},
             {"name": env::LISTEN, "value": format!("127.0.0.1:{}", settings.port)},
-            {"name": env::ADMIN_LISTEN, "value": format!("0.0.0.0:{ADMIN_PORT}")},
+            {"name": env::ADMIN_LISTEN, "value": format!("0.0.0.0:{}", settings.admin_port)},
             {"name": env::TOKEN_HEADER, "value": settings.token_header.as_str()},
             {"name": env::EXPECTED_SERVICE_ACCOUNT, "value": gsa},
             {"name": env::LOG_FORMAT, "value": "json"},
         ],
-        "ports": [{"name": "wiproxy-admin", "containerPort": ADMIN_PORT, "protocol": "TCP"}],
+        "ports": [{"name": "wiproxy-admin", "containerPort": settings.admin_port, "protocol": "TCP"}],
         // The GKE metadata server can take seconds on a new pod: allow two minutes to become ready.
         "startupProbe": probe("/readyz", 1, 120),
         "readinessProbe": probe("/readyz", 5, 3),
@@ -544,6 +703,10 @@ fn status(settings: &Settings, gsa: &str, sidecar: &SidecarSettings) -> String {
         hasher.update(federation.provider.as_bytes());
         hasher.update([0]);
     }
+    if settings.admin_port != ADMIN_PORT {
+        hasher.update(settings.admin_port.to_string().as_bytes());
+        hasher.update([0]);
+    }
     let digest = hasher.finalize();
     let inputs: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
     json!({
@@ -555,7 +718,7 @@ fn status(settings: &Settings, gsa: &str, sidecar: &SidecarSettings) -> String {
     .to_string()
 }
 
-fn add<'a>(tokens: impl IntoIterator<Item = &'a str>, value: Value) -> PatchOperation {
+pub(crate) fn add<'a>(tokens: impl IntoIterator<Item = &'a str>, value: Value) -> PatchOperation {
     PatchOperation::Add(AddOperation { path: PointerBuf::from_tokens(tokens), value })
 }
 
@@ -581,6 +744,7 @@ mod tests {
             namespace_selector: Default::default(),
             service_accounts: service_accounts.iter().map(|s| s.to_string()).collect(),
             upstreams: upstreams.iter().map(|s| s.to_string()).collect(),
+            audiences: Vec::new(),
             default_service_account: None,
             manage_service_accounts: true,
             allow_default_ksa: false,
@@ -677,7 +841,7 @@ mod tests {
             (json!({UPSTREAMS_ANNOTATION: format!("a={FUNCTION},a={FUNCTION}")}), "bad_upstreams"),
             (json!({PORT_ANNOTATION: "80"}), "bad_port"),
             (json!({PORT_ANNOTATION: "http"}), "bad_port"),
-            (json!({PORT_ANNOTATION: ADMIN_PORT.to_string()}), "bad_port"),
+            (json!({PORT_ANNOTATION: ADMIN_PORT.to_string()}), "port_clash"),
             (json!({TOKEN_HEADER_ANNOTATION: "x-api-key"}), "bad_token_header"),
             (json!({NATIVE_SIDECAR_ANNOTATION: "yes"}), "bad_native_sidecar"),
             (json!({SERVICE_ACCOUNT_ANNOTATION: "invoker@example.com"}), "bad_service_account"),
@@ -690,17 +854,168 @@ mod tests {
     }
 
     #[test]
-    fn ports_of_other_containers_are_respected() {
+    fn ports_of_other_containers_and_meshes_are_respected() {
         let port = |port: u16| json!({"spec": {"containers": [{"name": "app", "image": "app", "ports": [{"containerPort": port}]}]}});
+        let annotated = |key: &str, value: &str| json!({"metadata": {"annotations": {key: value}}});
+        let istio_label = |key: &str, value: &str| json!({"metadata": {"labels": {"sidecar.istio.io/inject": "true"}, "annotations": {key: value}}});
+        let clash =
+            |annotation, port, taken_by: &str| Some(Denial::PortClash { annotation, port, taken_by: taken_by.into() });
         let cases = [
-            (port(DEFAULT_PORT), Some(Denial::PortClash { port: DEFAULT_PORT, container: "app".into() })),
-            (port(ADMIN_PORT), Some(Denial::AdminPortClash { port: ADMIN_PORT, container: "app".into() })),
+            (port(DEFAULT_PORT), clash(PORT_ANNOTATION, DEFAULT_PORT, "container \"app\"")),
+            (port(ADMIN_PORT), clash(ADMIN_PORT_ANNOTATION, ADMIN_PORT, "container \"app\"")),
             (port(8080), None),
+            // The admin port moves with its annotation, and then may not be the proxy port.
+            (annotated(ADMIN_PORT_ANNOTATION, "15082"), None),
+            (annotated(ADMIN_PORT_ANNOTATION, "15080"), Some(Denial::SamePorts { port: 15080 })),
+            (
+                annotated(ADMIN_PORT_ANNOTATION, "80"),
+                Some(Denial::BadPort { annotation: ADMIN_PORT_ANNOTATION, value: "80".into() }),
+            ),
+            // A mesh's proxy binds its ports whether or not it declares them, even before it is injected.
+            (istio_label(ADMIN_PORT_ANNOTATION, "15090"), clash(ADMIN_PORT_ANNOTATION, 15090, "the Istio proxy")),
+            (istio_label(PORT_ANNOTATION, "15001"), clash(PORT_ANNOTATION, 15001, "the Istio proxy")),
+            (annotated(PORT_ANNOTATION, "15001"), None),
+            (
+                json!({"metadata": {"annotations": {PORT_ANNOTATION: "4143"}}, "spec": {"containers": [{"name": "app", "image": "app"}, {"name": "linkerd-proxy", "image": "proxy"}]}}),
+                clash(PORT_ANNOTATION, 4143, "the Linkerd proxy"),
+            ),
         ];
         for (change, expected) in cases {
             let outcome = run(&pod(change.clone()), &open_policy(), &StaticCluster::default());
             assert_eq!(outcome.err(), expected, "{change}");
         }
+    }
+
+    #[test]
+    fn pods_that_cannot_reach_the_metadata_server_are_denied() {
+        let required = |expressions: Value| {
+            json!({"spec": {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchExpressions": expressions}]}}}}})
+        };
+        let expression =
+            |key: &str, operator: &str, values: Value| json!([{"key": key, "operator": operator, "values": values}]);
+        let cases = [
+            (json!({"spec": {"nodeSelector": {GKE_METADATA_NODE_LABEL: "false"}}}), Some("spec.nodeSelector")),
+            (json!({"spec": {"nodeSelector": {GKE_METADATA_NODE_LABEL: "true"}}}), None),
+            (required(expression(GKE_METADATA_NODE_LABEL, "NotIn", json!(["true"]))), Some(NODE_AFFINITY_FIELD)),
+            (required(expression(GKE_METADATA_NODE_LABEL, "In", json!(["false"]))), Some(NODE_AFFINITY_FIELD)),
+            (
+                required(json!([{"key": GKE_METADATA_NODE_LABEL, "operator": "DoesNotExist"}])),
+                Some(NODE_AFFINITY_FIELD),
+            ),
+            (required(expression(GKE_METADATA_NODE_LABEL, "In", json!(["true"]))), None),
+            (required(expression("topology.kubernetes.io/zone", "In", json!(["europe-west1-b"]))), None),
+            (json!({"spec": {"nodeSelector": {"kubernetes.io/os": "windows"}}}), Some("spec.nodeSelector")),
+            (json!({"spec": {"os": {"name": "windows"}}}), Some("spec.os.name")),
+            (required(expression("kubernetes.io/os", "In", json!(["windows"]))), Some(NODE_AFFINITY_FIELD)),
+            (json!({"spec": {"nodeSelector": {"kubernetes.io/os": "linux"}}}), None),
+        ];
+        for (change, field) in cases {
+            let outcome = run(&pod(change.clone()), &open_policy(), &StaticCluster::default());
+            let denied_field = match outcome {
+                Err(Denial::MetadataServerExcluded { field, .. } | Denial::Windows { field }) => Some(field),
+                Err(other) => panic!("{change}: unexpected denial {other}"),
+                Ok(_) => None,
+            };
+            assert_eq!(denied_field, field, "{change}");
+        }
+    }
+
+    #[test]
+    fn autopilot_pods_get_no_node_selector() {
+        let sidecar = SidecarSettings { autopilot: true, ..SidecarSettings::default() };
+        let pod = pod(json!({}));
+        let cluster = StaticCluster::default();
+        let inputs = Inputs { namespace: "payments", sidecar: &sidecar, policies: &open_policy(), cluster: &cluster };
+        let value = patched(&pod, &injected(inject(&pod, &inputs)));
+        assert!(value["spec"]["nodeSelector"].is_null(), "{}", value["spec"]);
+    }
+
+    #[test]
+    fn native_sidecars_follow_the_oldest_kubelet() {
+        let nodes = |versions: &[&str]| {
+            let docs: Vec<Value> = versions
+                .iter()
+                .enumerate()
+                .map(|(i, v)| json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": format!("node-{i}")}, "status": {"nodeInfo": {"kubeletVersion": v}}}))
+                .collect();
+            let mut cluster = StaticCluster::default();
+            cluster.add_documents(&docs, "default");
+            cluster
+        };
+        let sidecar = SidecarSettings { native: NativeSidecars::WhereKubeletsAllow, ..SidecarSettings::default() };
+        let native_annotation = |v: &str| json!({"metadata": {"annotations": {NATIVE_SIDECAR_ANNOTATION: v}}});
+        let cases = [
+            (nodes(&[]), json!({}), true, None),
+            (nodes(&["v1.29.1-gke.1", "v1.31.0"]), json!({}), true, None),
+            (
+                nodes(&["v1.30.2", "v1.28.9-gke.100"]),
+                json!({}),
+                false,
+                Some("node node-1 runs kubelet v1.28.9-gke.100, older than 1.29"),
+            ),
+            (
+                nodes(&["v1.28.9"]),
+                native_annotation("true"),
+                true,
+                Some("native sidecar, but node node-0 runs kubelet v1.28.9"),
+            ),
+            (nodes(&["v1.28.9"]), native_annotation("false"), false, None),
+        ];
+        for (cluster, change, native, warning) in cases {
+            let pod = pod(change.clone());
+            let inputs =
+                Inputs { namespace: "payments", sidecar: &sidecar, policies: &open_policy(), cluster: &cluster };
+            let injection = injected(inject(&pod, &inputs));
+            let value = patched(&pod, &injection);
+            let in_init = value["spec"]["initContainers"][0]["name"] == SIDECAR_CONTAINER;
+            assert_eq!(in_init, native, "{change} on {:?}", cluster.oldest_kubelet());
+            let found = injection.warnings.iter().find(|w| w.contains("kubelet"));
+            match warning {
+                Some(text) => assert!(found.is_some_and(|w| w.contains(text)), "{:?}", injection.warnings),
+                None => assert_eq!(found, None),
+            }
+        }
+    }
+
+    #[test]
+    fn explicit_audiences_need_the_policy() {
+        let upstreams = |entry: &str| json!({"metadata": {"annotations": {UPSTREAMS_ANNOTATION: entry}}});
+        let with_audiences = PolicySet::new(
+            vec![policy(
+                "payments",
+                &["*@client-project.iam.gserviceaccount.com"],
+                &["https://europe-west1-host-project.cloudfunctions.net/", "https://*.a.run.app/"],
+                |spec| spec.audiences = vec!["orders-api".into(), "https://api.example.com/*".into()],
+            )],
+            true,
+        );
+        let cases = [
+            (format!("orders={FUNCTION}"), true),
+            (format!("orders={FUNCTION};audience={FUNCTION}"), true),
+            ("run=https://orders-x-ew.a.run.app/v1;audience=https://orders-x-ew.a.run.app".to_owned(), true),
+            ("run=https://orders-x-ew.a.run.app/;audience=orders-api".to_owned(), true),
+            ("run=https://orders-x-ew.a.run.app/;audience=https://api.example.com/orders".to_owned(), true),
+            // A token for a service the policy does not let the pod call.
+            (format!("orders={FUNCTION};audience=https://other-project.example.com"), false),
+            ("run=https://orders-x-ew.a.run.app/;audience=https://api.example.com/orders/v2".to_owned(), false),
+            ("run=https://orders-x-ew.a.run.app/;audience=payments-api".to_owned(), false),
+        ];
+        for (entry, allowed) in cases {
+            let outcome = run(&pod(upstreams(&entry)), &with_audiences, &StaticCluster::default());
+            match outcome {
+                Ok(Outcome::Injected(_)) => assert!(allowed, "{entry}"),
+                Err(Denial::AudienceNotAllowed { .. }) => assert!(!allowed, "{entry}"),
+                other => panic!("{entry}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_status_without_the_sidecar_skips_nothing() {
+        let forged = json!({"metadata": {"annotations": {STATUS_ANNOTATION: "{}", SERVICE_ACCOUNT_ANNOTATION: "intruder@other-project.iam.gserviceaccount.com"}}});
+        let outcome = run(&pod(forged), &open_policy(), &StaticCluster::default());
+        assert!(matches!(outcome, Err(Denial::ServiceAccountNotAllowed { .. })), "{outcome:?}");
     }
 
     #[test]
@@ -772,14 +1087,22 @@ mod tests {
             (
                 "default KSA refused",
                 json!({"spec": {"serviceAccountName": null}}),
-                PolicySet::new(vec![strict], true),
+                PolicySet::new(vec![strict.clone()], true),
                 Err("default_ksa"),
             ),
             (
                 "default KSA allowed",
                 json!({"spec": {"serviceAccountName": "default"}, "metadata": {"annotations": {UPSTREAMS_ANNOTATION: "api=https://api-xyz.a.run.app/"}}}),
-                PolicySet::new(vec![lenient], true),
+                PolicySet::new(vec![lenient.clone()], true),
                 Ok(Some("lenient")),
+            ),
+            (
+                // Only the policy that allows the pod can let it use the default KSA: lenient's
+                // allowDefaultKsa does not extend to the function only strict allows.
+                "default KSA, allowed by another policy than the one that allows the pod",
+                json!({"spec": {"serviceAccountName": "default"}}),
+                PolicySet::new(vec![strict.clone(), lenient], true),
+                Err("default_ksa"),
             ),
         ];
         for (what, change, policies, expected) in cases {

@@ -7,7 +7,9 @@ use anyhow::{anyhow, Context};
 use clap::Parser;
 use wiproxy_common::logging::{self, LogFormat};
 use wiproxy_webhook::cluster::{Cluster, LiveCluster, StaticCluster};
-use wiproxy_webhook::config::{Cli, Command, Mode, NativeSidecars, RenderArgs, ServeArgs, ServingCertificate};
+use wiproxy_webhook::config::{
+    Cli, Command, GkeAutopilot, Mode, NativeSidecars, RenderArgs, ServeArgs, ServingCertificate,
+};
 use wiproxy_webhook::policy::{Policy, PolicySet};
 use wiproxy_webhook::policy_status::{self, Policies};
 use wiproxy_webhook::render;
@@ -87,10 +89,12 @@ fn from_files(
     let documents = yaml::parse_stream(&yaml::read_file(cluster_file)?, &cluster_file.display().to_string())?;
     let mut cluster = StaticCluster::default();
     cluster.add_documents(&documents, "default");
-    // Without an API server to ask, `auto` assumes Kubernetes 1.29 or newer, as every supported GKE version is.
-    let native = args.native_sidecars != NativeSidecars::Never;
-    let sidecar = args.shared.sidecar(native).map_err(|e| anyhow!(e))?;
-    tracing::info!(policies = policies.len(), native, "running from files, without the Kubernetes API");
+    // Without an API server to ask, `auto` assumes Kubernetes 1.29 or newer, as every supported
+    // GKE version is, and reads the kubelets from the Node documents of the cluster file.
+    let native = args.native_sidecars.settle(None);
+    let autopilot = args.gke_autopilot == GkeAutopilot::True;
+    let sidecar = args.shared.sidecar(native, autopilot).map_err(|e| anyhow!(e))?;
+    tracing::info!(policies = policies.len(), ?native, autopilot, "running from files, without the Kubernetes API");
     let certificate = ReloadingCertificate::load(cert, key).context("loading --tls-cert-file/--tls-key-file")?;
     let webhook = Webhook::from_files(sidecar, PolicySet::new(policies, args.shared.policy_required), cluster);
     Ok(Started { webhook, synced: None, certificate: Arc::new(certificate) })
@@ -107,19 +111,24 @@ async fn in_cluster(
     let client = kube::Client::try_default()
         .await
         .context("connecting to the Kubernetes API (in-cluster or KUBECONFIG); pass --cluster-file and --policy-file to run without one")?;
-    let native = match args.native_sidecars {
-        NativeSidecars::Always => true,
-        NativeSidecars::Never => false,
-        NativeSidecars::Auto => cluster::live::supports_native_sidecars(&client)
-            .await
-            .context("reading the API server version for --native-sidecars auto")?,
+    let api_server_supports = match args.native_sidecars {
+        NativeSidecars::Auto => Some(
+            cluster::live::supports_native_sidecars(&client)
+                .await
+                .context("reading the API server version for --native-sidecars auto")?,
+        ),
+        NativeSidecars::Always | NativeSidecars::Never => None,
     };
-    let sidecar = args.shared.sidecar(native).map_err(|e| anyhow!(e))?;
+    let native = args.native_sidecars.settle(api_server_supports);
+    let autopilot = cluster::live::autopilot(args.gke_autopilot, &client)
+        .await
+        .context("detecting GKE Autopilot for --gke-autopilot auto; set --gke-autopilot true or false")?;
+    let sidecar = args.shared.sidecar(native, autopilot).map_err(|e| anyhow!(e))?;
     let live = Arc::new(LiveCluster::watch(client.clone()));
     let policies = Arc::new(Policies::new(PolicySet::new(file_policies.clone().unwrap_or_default(), required)));
     let policy_store =
         file_policies.is_none().then(|| policy_status::watch(client.clone(), policies.clone(), required));
-    tracing::info!(native, policies_from_file = policy_store.is_none(), "running in the cluster");
+    tracing::info!(?native, autopilot, policies_from_file = policy_store.is_none(), "running in the cluster");
     let watched = live.clone();
     let synced: server::Synced = Box::pin(async move {
         watched.synced().await;

@@ -56,6 +56,11 @@ pub struct TokenProxyPolicySpec {
     #[serde(default)]
     #[schemars(inner(regex(pattern = r"^https://[^\s?#]+$")))]
     pub upstreams: Vec<String>,
+    /// Explicit token audiences (`;audience=` of an upstream) allowed besides those that
+    /// `upstreams` matches as URLs, such as a Cloud Run service's custom audience; `*` as above.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(inner(regex(pattern = r"^\S+$")))]
+    pub audiences: Vec<String>,
     /// GSA for pods that name none and whose ServiceAccount carries no mapping.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[a-z0-9-]+@[a-z0-9.-]+\.gserviceaccount\.com$"))]
@@ -95,6 +100,8 @@ pub enum PolicyError {
     ServiceAccount { policy: String, index: usize, pattern: String, why: &'static str },
     #[error("policy {policy:?}: spec.upstreams[{index}] {pattern:?}: {why}")]
     Upstream { policy: String, index: usize, pattern: String, why: &'static str },
+    #[error("policy {policy:?}: spec.audiences[{index}] {pattern:?}: {why}")]
+    Audience { policy: String, index: usize, pattern: String, why: &'static str },
     #[error("policy {policy:?}: spec.defaultServiceAccount {gsa:?}: {why}")]
     DefaultServiceAccount { policy: String, gsa: String, why: &'static str },
 }
@@ -106,6 +113,7 @@ pub struct Policy {
     selector: Selector,
     service_accounts: Vec<String>,
     upstreams: Vec<String>,
+    audiences: Vec<String>,
     pub default_service_account: Option<String>,
     pub manage_service_accounts: bool,
     pub allow_default_ksa: bool,
@@ -155,10 +163,18 @@ impl Policy {
             upstreams.push(normalize_prefix(pattern));
         }
 
+        for (index, pattern) in spec.audiences.iter().enumerate() {
+            if pattern.is_empty() || pattern.chars().any(char::is_whitespace) {
+                let why = "an audience is a non-empty string without spaces";
+                return Err(PolicyError::Audience { policy: name, index, pattern: pattern.clone(), why });
+            }
+        }
+
         let policy = Self {
             selector,
             service_accounts,
             upstreams,
+            audiences: spec.audiences.clone(),
             default_service_account: spec.default_service_account.clone(),
             manage_service_accounts: spec.manage_service_accounts,
             allow_default_ksa: spec.allow_default_ksa,
@@ -192,6 +208,24 @@ impl Policy {
     /// of at least `/`, dot-segments resolved) lies under one of the allowed prefixes.
     pub fn allows_upstream(&self, url: &str) -> bool {
         self.upstreams.iter().any(|prefix| prefix_matches(prefix, url))
+    }
+
+    /// Whether a pod may ask for tokens with this explicit `audience`: one of `audiences`
+    /// matches it whole, or it is an https URL that `upstreams` allows (its query and fragment
+    /// aside: Google mints no token for an audience that has one, and the webhook warns).
+    pub fn allows_audience(&self, audience: &str) -> bool {
+        self.audiences.iter().any(|pattern| glob_ends(pattern, audience).contains(&audience.len()))
+            || url::Url::parse(audience).ok().filter(|url| url.scheme() == "https").is_some_and(|mut url| {
+                url.set_query(None);
+                url.set_fragment(None);
+                self.allows_upstream(url.as_str())
+            })
+    }
+
+    /// Whether the policy allows `upstream`'s URL and, when explicit, its audience.
+    fn allows(&self, upstream: &Upstream) -> bool {
+        self.allows_upstream(upstream.parsed.as_str())
+            && (!upstream.audience_explicit || self.allows_audience(&upstream.audience))
     }
 }
 
@@ -265,6 +299,7 @@ pub struct Allowance {
     /// The policy that allows the pod; `None` when no policy selects the namespace and none is required.
     pub policy: Option<String>,
     pub manage_service_accounts: bool,
+    pub allow_default_ksa: bool,
 }
 
 /// Why the policies refuse a pod; the webhook turns it into a denial message.
@@ -273,6 +308,7 @@ pub enum Refusal {
     NoPolicy,
     ServiceAccount { policies: Vec<String> },
     Upstream { upstream: String, url: String, policies: Vec<String> },
+    Audience { upstream: String, audience: String, policies: Vec<String> },
     NoSinglePolicy { policies: Vec<String> },
 }
 
@@ -291,22 +327,23 @@ impl PolicySet {
     }
 
     /// Decides for a pod acting as `gsa` and calling `upstreams`: allowed when one policy that
-    /// selects the namespace allows the GSA and every upstream.
+    /// selects the namespace allows the GSA, every upstream and every explicit audience; that
+    /// policy's `manageServiceAccounts` and `allowDefaultKsa` then apply.
     pub fn allow(&self, selecting: &[&Policy], gsa: &str, upstreams: &[Upstream]) -> Result<Allowance, Refusal> {
         if selecting.is_empty() {
             return if self.required {
                 Err(Refusal::NoPolicy)
             } else {
-                Ok(Allowance { policy: None, manage_service_accounts: true })
+                Ok(Allowance { policy: None, manage_service_accounts: true, allow_default_ksa: false })
             };
         }
-        if let Some(policy) = selecting
-            .iter()
-            .find(|p| p.allows_service_account(gsa) && upstreams.iter().all(|u| p.allows_upstream(u.parsed.as_str())))
+        if let Some(policy) =
+            selecting.iter().find(|p| p.allows_service_account(gsa) && upstreams.iter().all(|u| p.allows(u)))
         {
             return Ok(Allowance {
                 policy: Some(policy.name.clone()),
                 manage_service_accounts: policy.manage_service_accounts,
+                allow_default_ksa: policy.allow_default_ksa,
             });
         }
         let names = |ps: &[&Policy]| ps.iter().map(|p| p.name.clone()).collect::<Vec<_>>();
@@ -319,6 +356,15 @@ impl PolicySet {
                 return Err(Refusal::Upstream {
                     upstream: upstream.name.clone(),
                     url: upstream.url.clone(),
+                    policies: names(&for_gsa),
+                });
+            }
+        }
+        for upstream in upstreams.iter().filter(|u| u.audience_explicit) {
+            if !for_gsa.iter().any(|p| p.allows_audience(&upstream.audience)) {
+                return Err(Refusal::Audience {
+                    upstream: upstream.name.clone(),
+                    audience: upstream.audience.clone(),
                     policies: names(&for_gsa),
                 });
             }
@@ -337,6 +383,7 @@ mod tests {
             namespace_selector: serde_json::from_str(selector).expect("selector"),
             service_accounts: service_accounts.iter().map(|s| s.to_string()).collect(),
             upstreams: upstreams.iter().map(|s| s.to_string()).collect(),
+            audiences: Vec::new(),
             default_service_account: None,
             manage_service_accounts: true,
             allow_default_ksa: false,
@@ -426,7 +473,7 @@ mod tests {
         let one = parse_upstreams("x=https://b.example.com/x").expect("valid");
         assert_eq!(
             set.allow(&selecting, gsa, &one),
-            Ok(Allowance { policy: Some("b".into()), manage_service_accounts: true })
+            Ok(Allowance { policy: Some("b".into()), manage_service_accounts: true, allow_default_ksa: false })
         );
         let both = parse_upstreams("x=https://a.example.com/x,y=https://b.example.com/y").expect("valid");
         assert_eq!(
@@ -449,7 +496,10 @@ mod tests {
         ));
         assert_eq!(set.allow(&[], gsa, &one), Err(Refusal::NoPolicy));
         let optional = PolicySet::new(vec![], false);
-        assert_eq!(optional.allow(&[], gsa, &one), Ok(Allowance { policy: None, manage_service_accounts: true }));
+        assert_eq!(
+            optional.allow(&[], gsa, &one),
+            Ok(Allowance { policy: None, manage_service_accounts: true, allow_default_ksa: false })
+        );
     }
 
     #[test]
@@ -458,6 +508,7 @@ mod tests {
             namespace_selector: LabelSelector::default(),
             service_accounts: vec![sa.into()],
             upstreams: vec![up.into()],
+            audiences: Vec::new(),
             default_service_account: default.map(Into::into),
             manage_service_accounts: true,
             allow_default_ksa: false,

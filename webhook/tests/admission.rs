@@ -113,9 +113,13 @@ async fn passes_through_what_is_not_for_it() {
         (
             "already injected",
             with(
-                support::review_fixture(),
-                "/request/object/metadata/annotations/wiproxy.io~1status",
-                json!("{\"version\":\"0.1.0\"}"),
+                with(
+                    support::review_fixture(),
+                    "/request/object/metadata/annotations/wiproxy.io~1status",
+                    json!("{\"version\":\"0.1.0\"}"),
+                ),
+                "/request/object/spec/initContainers",
+                json!([{"name": "wiproxy", "image": "ghcr.io/wiproxy/wiproxy:0.1.0", "restartPolicy": "Always"}]),
             ),
         ),
     ];

@@ -6,6 +6,7 @@ mod support;
 use std::sync::Arc;
 
 use http::{Method, StatusCode};
+use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
 use kube::api::{Api, ObjectMeta, PartialObjectMeta};
 use kube::runtime::reflector::{self, store::Writer};
@@ -13,9 +14,10 @@ use kube::runtime::watcher;
 use serde_json::{json, Value};
 use support::api::{body_json, next, no_more_calls, reply, ApiHandle};
 use wiproxy_webhook::admission::answer;
-use wiproxy_webhook::cluster::live::supports_native_sidecars;
+use wiproxy_webhook::cluster::live::{autopilot, keep_kubelet_version, supports_native_sidecars, AUTOPILOT_WEBHOOKS};
 use wiproxy_webhook::cluster::{Cluster, LiveCluster};
-use wiproxy_webhook::inject::SidecarSettings;
+use wiproxy_webhook::config::GkeAutopilot;
+use wiproxy_webhook::inject::{NativeSidecars, SidecarSettings};
 use wiproxy_webhook::policy::{PolicySet, TokenProxyPolicy};
 use wiproxy_webhook::policy_status::{write_status, Policies};
 use wiproxy_webhook::review::Endpoint;
@@ -47,7 +49,8 @@ fn webhook(service_account: Option<PartialObjectMeta<ServiceAccount>>) -> (Webho
     if let Some(sa) = service_account {
         sa_writer.apply_watcher_event(&watcher::Event::Apply(sa));
     }
-    let live = Arc::new(LiveCluster::new(client, namespaces, service_accounts));
+    let (nodes, _) = reflector::store();
+    let live = Arc::new(LiveCluster::new(client, namespaces, service_accounts, nodes));
     let policies = yaml::load_policies(std::path::Path::new(support::POLICY_FILE)).expect("policy");
     let webhook = Webhook {
         sidecar: SidecarSettings::default(),
@@ -275,4 +278,199 @@ async fn the_version_probe_decides_native_sidecars() {
         assert_eq!(supports_native_sidecars(&client).await.expect("a version"), native, "1.{minor}");
         api.await.expect("GET /version");
     }
+}
+
+/// Answers the next call, a GET of `path`, with `status` and `body`.
+async fn expect_get(handle: &mut ApiHandle, path: &str, status: StatusCode, body: Value) {
+    let (request, send) = next(handle).await;
+    assert_eq!((request.method(), request.uri().path()), (&Method::GET, path));
+    reply(send, status, body);
+}
+
+fn api_groups(names: &[&str]) -> Value {
+    let groups: Vec<Value> = names
+        .iter()
+        .map(|name| {
+            let version = json!({"groupVersion": format!("{name}/v1"), "version": "v1"});
+            json!({"name": name, "versions": [version.clone()], "preferredVersion": version})
+        })
+        .collect();
+    json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
+}
+
+fn not_found(name: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404,
+           "message": format!("mutatingwebhookconfigurations.admissionregistration.k8s.io \"{name}\" not found")})
+}
+
+const WEBHOOKS_PATH: &str = "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations";
+
+#[tokio::test]
+async fn autopilot_is_detected_from_the_api_group_or_gke_webhooks() {
+    let warden = AUTOPILOT_WEBHOOKS[0];
+    let older = AUTOPILOT_WEBHOOKS[1];
+    // The API group alone.
+    let (client, mut handle) = support::api::client();
+    let api = tokio::spawn(async move {
+        expect_get(&mut handle, "/apis", StatusCode::OK, api_groups(&["apps", "auto.gke.io", "wiproxy.io"])).await;
+        no_more_calls(&mut handle).await;
+    });
+    assert!(autopilot(GkeAutopilot::Auto, &client).await.expect("detected"));
+    api.await.expect("one discovery call");
+
+    // GKE's Autopilot webhook, found by name (the older name, after the newer one is not found).
+    let (client, mut handle) = support::api::client();
+    let api = tokio::spawn(async move {
+        expect_get(&mut handle, "/apis", StatusCode::OK, api_groups(&["apps"])).await;
+        let path = format!("{WEBHOOKS_PATH}/{warden}");
+        expect_get(&mut handle, &path, StatusCode::NOT_FOUND, not_found(warden)).await;
+        let path = format!("{WEBHOOKS_PATH}/{older}");
+        let found =
+            json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata", "metadata": {"name": older}});
+        expect_get(&mut handle, &path, StatusCode::OK, found).await;
+    });
+    assert!(autopilot(GkeAutopilot::Auto, &client).await.expect("detected"));
+    api.await.expect("discovery, then the webhooks");
+
+    // GKE Standard: neither signal.
+    let (client, mut handle) = support::api::client();
+    let api = tokio::spawn(async move {
+        expect_get(&mut handle, "/apis", StatusCode::OK, api_groups(&["apps", "networking.gke.io"])).await;
+        for name in AUTOPILOT_WEBHOOKS {
+            let path = format!("{WEBHOOKS_PATH}/{name}");
+            expect_get(&mut handle, &path, StatusCode::NOT_FOUND, not_found(name)).await;
+        }
+        no_more_calls(&mut handle).await;
+    });
+    assert!(!autopilot(GkeAutopilot::Auto, &client).await.expect("detected"));
+    api.await.expect("discovery and both webhooks");
+
+    // Overridden: no call at all.
+    for (setting, expected) in [(GkeAutopilot::True, true), (GkeAutopilot::False, false)] {
+        let (client, mut handle) = support::api::client();
+        assert_eq!(autopilot(setting, &client).await.expect("as given"), expected);
+        no_more_calls(&mut handle).await;
+    }
+}
+
+#[tokio::test]
+async fn autopilot_detection_failing_stops_the_start() {
+    let (client, mut handle) = support::api::client();
+    let api = tokio::spawn(async move {
+        let status = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 500, "message": "etcdserver: request timed out", "reason": "InternalError"});
+        expect_get(&mut handle, "/apis", StatusCode::INTERNAL_SERVER_ERROR, status).await;
+    });
+    assert!(autopilot(GkeAutopilot::Auto, &client).await.is_err());
+    api.await.expect("one discovery call");
+}
+
+fn node(name: &str, kubelet: &str) -> Value {
+    json!({
+        "metadata": {"name": name, "resourceVersion": "7", "labels": {"kubernetes.io/os": "linux"}},
+        "status": {
+            "nodeInfo": {"kubeletVersion": kubelet, "kernelVersion": "6.1", "osImage": "Container-Optimized OS",
+                         "containerRuntimeVersion": "containerd://1.7", "architecture": "amd64", "bootID": "b",
+                         "kubeProxyVersion": kubelet, "machineID": "m", "operatingSystem": "linux", "systemUUID": "u"},
+            "images": [{"names": ["gcr.io/big/image:1"], "sizeBytes": 123456789}],
+        },
+    })
+}
+
+/// A webhook whose stores fill from the mocked API's lists (then its watches stay open), with
+/// native sidecars where the kubelets allow them; the review's answer.
+async fn review_with_nodes(nodes: Vec<Value>) -> (Value, Vec<Value>) {
+    let (client, mut handle) = support::api::client();
+    let api = tokio::spawn(async move {
+        let mut open_watches = Vec::new();
+        let mut seen_nodes = Vec::new();
+        while let Ok(Some((request, send))) =
+            tokio::time::timeout(std::time::Duration::from_secs(2), handle.next_request()).await
+        {
+            let (path, query) = (request.uri().path().to_owned(), request.uri().query().unwrap_or_default().to_owned());
+            if query.contains("watch=true") {
+                open_watches.push(send);
+                continue;
+            }
+            let items = match path.as_str() {
+                "/api/v1/namespaces" => vec![
+                    json!({"metadata": {"name": "payments", "labels": {"team": "payments"}, "resourceVersion": "1"}}),
+                ],
+                "/api/v1/serviceaccounts" => {
+                    vec![json!({"metadata": {"name": "orders-client", "namespace": "payments", "resourceVersion": "2",
+                    "annotations": {"iam.gke.io/gcp-service-account": GSA}}})]
+                }
+                "/api/v1/nodes" => nodes.clone(),
+                other => panic!("unexpected call {other}?{query}"),
+            };
+            if path == "/api/v1/nodes" {
+                seen_nodes.push(json!(query));
+            }
+            let list =
+                json!({"kind": "List", "apiVersion": "v1", "metadata": {"resourceVersion": "10"}, "items": items});
+            reply(send, StatusCode::OK, list);
+        }
+        drop(open_watches);
+        seen_nodes
+    });
+    let live = Arc::new(LiveCluster::watch(client));
+    tokio::time::timeout(std::time::Duration::from_secs(5), live.synced()).await.expect("the stores list once");
+    let policies = yaml::load_policies(std::path::Path::new(support::POLICY_FILE)).expect("policy");
+    let webhook = Webhook {
+        sidecar: SidecarSettings { native: NativeSidecars::WhereKubeletsAllow, ..SidecarSettings::default() },
+        policies: Arc::new(Policies::new(PolicySet::new(policies, true))),
+        cluster: Cluster::Live(live),
+    };
+    let (response, _) =
+        answer(&webhook, Endpoint::Mutate, support::review_fixture().to_string().as_bytes()).await.expect("a review");
+    let seen = api.await.expect("the API served the lists");
+    (response, seen)
+}
+
+fn sidecar_is_native(response: &Value) -> bool {
+    use base64::Engine as _;
+    let patch = base64::engine::general_purpose::STANDARD
+        .decode(response["response"]["patch"].as_str().expect("a patch"))
+        .expect("base64");
+    let patch: Value = serde_json::from_slice(&patch).expect("JSON patch");
+    let sidecar = patch
+        .as_array()
+        .expect("operations")
+        .iter()
+        .find(|op| op["value"]["name"] == "wiproxy" || op["value"][0]["name"] == "wiproxy")
+        .expect("the sidecar is added");
+    sidecar["path"].as_str().expect("a path").starts_with("/spec/initContainers")
+}
+
+#[tokio::test]
+async fn a_mixed_node_pool_gets_a_regular_sidecar_and_a_warning() {
+    let (response, lists) =
+        review_with_nodes(vec![node("pool-a-1", "v1.30.5-gke.1014001"), node("pool-b-1", "v1.28.15-gke.1020000")])
+            .await;
+    assert_eq!(lists.len(), 1, "the nodes are listed once, then watched");
+    assert_eq!(response["response"]["allowed"], true, "{response}");
+    assert!(!sidecar_is_native(&response), "a kubelet older than 1.29: a regular sidecar");
+    let warnings = response["response"]["warnings"].to_string();
+    assert!(warnings.contains("node pool-b-1 runs kubelet v1.28.15-gke.1020000, older than 1.29"), "{warnings}");
+}
+
+#[tokio::test]
+async fn nodes_all_at_1_29_or_newer_get_a_native_sidecar() {
+    let (response, _) =
+        review_with_nodes(vec![node("pool-a-1", "v1.30.5-gke.1014001"), node("pool-b-1", "v1.29.0-gke.1")]).await;
+    assert_eq!(response["response"]["allowed"], true, "{response}");
+    assert!(sidecar_is_native(&response));
+    assert!(!response["response"]["warnings"].to_string().contains("kubelet"), "{response}");
+}
+
+#[test]
+fn the_node_store_keeps_the_kubelet_version_only() {
+    let mut stored: Node = serde_json::from_value(node("pool-a-1", "v1.30.5")).expect("a node");
+    keep_kubelet_version(&mut stored);
+    let kept = serde_json::to_value(&stored).expect("serializes");
+    assert_eq!(
+        kept,
+        json!({"metadata": {"name": "pool-a-1", "resourceVersion": "7"}, "status": {"nodeInfo": {
+            "architecture": "", "bootID": "", "containerRuntimeVersion": "", "kernelVersion": "", "kubeProxyVersion": "",
+            "kubeletVersion": "v1.30.5", "machineID": "", "operatingSystem": "", "osImage": "", "systemUUID": ""}}})
+    );
 }

@@ -3,22 +3,24 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, Node, ServiceAccount};
 use serde_json::Value;
 use wiproxy_common::GKE_SERVICE_ACCOUNT_ANNOTATION;
 
-use super::{ClusterState, KsaLookup, NAMESPACE_NAME_LABEL};
+use super::{ClusterState, KsaLookup, NodeKubelet, NAMESPACE_NAME_LABEL};
 use crate::workload::TypeKey;
 
 #[derive(Debug, Clone, Default)]
 pub struct StaticCluster {
     namespaces: BTreeMap<String, BTreeMap<String, String>>,
     service_accounts: BTreeMap<(String, String), Option<String>>,
+    /// Node name → kubelet version, from Node documents (`status.nodeInfo.kubeletVersion`).
+    kubelets: BTreeMap<String, String>,
 }
 
 impl StaticCluster {
-    /// Takes the Namespace and ServiceAccount objects among `documents` and ignores the rest. A
-    /// ServiceAccount without a namespace is in `default_namespace`.
+    /// Takes the Namespace, ServiceAccount and Node objects among `documents` and ignores the
+    /// rest. A ServiceAccount without a namespace is in `default_namespace`.
     pub fn add_documents<'a>(&mut self, documents: impl IntoIterator<Item = &'a Value>, default_namespace: &str) {
         for doc in documents {
             let metadata = &doc["metadata"];
@@ -31,6 +33,9 @@ impl StaticCluster {
                 let namespace = metadata["namespace"].as_str().unwrap_or(default_namespace);
                 let gsa = metadata["annotations"][GKE_SERVICE_ACCOUNT_ANNOTATION].as_str().map(str::to_owned);
                 self.service_accounts.insert((namespace.to_owned(), name.to_owned()), gsa);
+            } else if key.is::<Node>() {
+                let version = doc["status"]["nodeInfo"]["kubeletVersion"].as_str().unwrap_or_default();
+                self.kubelets.insert(name.to_owned(), version.to_owned());
             }
         }
     }
@@ -53,6 +58,10 @@ impl ClusterState for StaticCluster {
             Some(None) => KsaLookup::Unmapped,
             Some(Some(gsa)) => KsaLookup::Mapped(gsa.clone()),
         }
+    }
+
+    fn oldest_kubelet(&self) -> Option<NodeKubelet> {
+        NodeKubelet::oldest(self.kubelets.iter().map(|(node, version)| NodeKubelet::new(node, version)))
     }
 }
 

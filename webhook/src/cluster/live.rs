@@ -1,14 +1,16 @@
-//! The webhook in a cluster: reflector stores of Namespaces and ServiceAccounts (metadata only),
-//! the ServiceAccount annotation Workload Identity needs, Events on the owner of a denied pod, and
-//! the API server version that decides `--native-sidecars auto`.
+//! The webhook in a cluster: reflector stores of Namespaces and ServiceAccounts (metadata only)
+//! and of Nodes (name and kubelet version only), the ServiceAccount annotation Workload Identity
+//! needs, Events on the owner of a denied pod, and the probes behind `--native-sidecars auto`
+//! and `--gke-autopilot auto`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 
 use futures_util::StreamExt;
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Namespace, ObjectReference, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, Node, NodeStatus, NodeSystemInfo, ObjectReference, ServiceAccount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, PartialObjectMeta, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -19,7 +21,8 @@ use serde_json::json;
 use tracing::{debug, info, warn};
 use wiproxy_common::GKE_SERVICE_ACCOUNT_ANNOTATION;
 
-use super::{ClusterState, KsaLookup, NAMESPACE_NAME_LABEL};
+use super::{ClusterState, KsaLookup, NodeKubelet, NAMESPACE_NAME_LABEL};
+use crate::config::GkeAutopilot;
 
 /// Field manager of the webhook's writes.
 pub const MANAGER: &str = "wiproxy-webhook";
@@ -28,6 +31,8 @@ pub struct LiveCluster {
     client: Client,
     namespaces: Store<PartialObjectMeta<Namespace>>,
     service_accounts: Store<PartialObjectMeta<ServiceAccount>>,
+    /// Nodes stripped to their name and kubelet version.
+    nodes: Store<Node>,
     /// ServiceAccounts read directly because the store had not seen them yet (created in the same
     /// apply), or annotated by this webhook before its watch caught up.
     recent: Mutex<HashMap<(String, String), KsaLookup>>,
@@ -46,10 +51,11 @@ impl LiveCluster {
         client: Client,
         namespaces: Store<PartialObjectMeta<Namespace>>,
         service_accounts: Store<PartialObjectMeta<ServiceAccount>>,
+        nodes: Store<Node>,
     ) -> Self {
         let instance = std::env::var("HOSTNAME").ok();
         let recorder = Recorder::new(client.clone(), Reporter { controller: MANAGER.to_owned(), instance });
-        Self { client, namespaces, service_accounts, recent: Mutex::default(), recorder }
+        Self { client, namespaces, service_accounts, nodes, recent: Mutex::default(), recorder }
     }
 
     /// Starts the watches; the returned stores fill in the background.
@@ -70,13 +76,23 @@ impl LiveCluster {
                 warn!(error = %e, "service account watch failed; retrying");
             }
         }));
-        Self::new(client, namespaces, service_accounts)
+        let (nodes, writer) = reflector::store();
+        let stream = watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
+            .default_backoff()
+            .modify(keep_kubelet_version);
+        tokio::spawn(reflector::reflector(writer, stream).for_each(|event| async move {
+            if let Err(e) = event {
+                warn!(error = %e, "node watch failed; retrying");
+            }
+        }));
+        Self::new(client, namespaces, service_accounts, nodes)
     }
 
-    /// Waits until both stores have listed once.
+    /// Waits until every store has listed once.
     pub async fn synced(&self) {
         let _ = self.namespaces.wait_until_ready().await;
         let _ = self.service_accounts.wait_until_ready().await;
+        let _ = self.nodes.wait_until_ready().await;
     }
 
     fn recent(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), KsaLookup>> {
@@ -186,6 +202,80 @@ impl ClusterState for LiveCluster {
             return lookup(&meta);
         }
         self.recent().get(&key).cloned().unwrap_or(KsaLookup::Missing)
+    }
+
+    fn oldest_kubelet(&self) -> Option<NodeKubelet> {
+        NodeKubelet::oldest(self.nodes.state().iter().map(|node| {
+            let version = node.status.as_ref().and_then(|s| s.node_info.as_ref()).map(|i| i.kubelet_version.as_str());
+            NodeKubelet::new(node.metadata.name.as_deref().unwrap_or_default(), version.unwrap_or_default())
+        }))
+    }
+}
+
+/// A Node as the store keeps it: its name and kubelet version, nothing else (a Node's status
+/// lists its images and conditions, kilobytes per node that no decision reads).
+pub fn keep_kubelet_version(node: &mut Node) {
+    let kubelet_version =
+        node.status.as_ref().and_then(|s| s.node_info.as_ref()).map(|i| i.kubelet_version.clone()).unwrap_or_default();
+    let name = node.metadata.name.take();
+    let resource_version = node.metadata.resource_version.take();
+    *node = Node::default();
+    node.metadata.name = name;
+    node.metadata.resource_version = resource_version;
+    node.status = Some(NodeStatus {
+        node_info: Some(NodeSystemInfo { kubelet_version, ..NodeSystemInfo::default() }),
+        ..NodeStatus::default()
+    });
+}
+
+/// API group served on GKE Autopilot clusters (its workload allowlists); the Dynatrace operator's
+/// chart reads Autopilot from it (`.Capabilities.APIVersions.Has "auto.gke.io/v1"`).
+pub const AUTOPILOT_API_GROUP: &str = "auto.gke.io";
+/// GKE's own mutating webhooks that exist on Autopilot clusters only (Agones'
+/// `pkg/cloudproduct/gke`: "the current best method to detect Autopilot"; Config Sync's
+/// `pkg/util/autopilot.go`): the name changed with GKE 1.26.
+pub const AUTOPILOT_WEBHOOKS: &[&str] = &[
+    "warden-mutating.config.common-webhooks.networking.gke.io",
+    "workload-defaulter.config.common-webhooks.networking.gke.io",
+];
+
+/// Whether the cluster is GKE Autopilot, and by which signal. Google documents no signal, so
+/// two that established projects use are read: the `auto.gke.io` API group, then GKE's
+/// Autopilot-only admission webhooks (a 403 there, for want of RBAC, counts as not found).
+pub async fn detect_autopilot(client: &Client) -> Result<Option<String>, kube::Error> {
+    let groups = client.list_api_groups().await?;
+    if groups.groups.iter().any(|g| g.name == AUTOPILOT_API_GROUP) {
+        return Ok(Some(format!("API group {AUTOPILOT_API_GROUP}")));
+    }
+    let api: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    for name in AUTOPILOT_WEBHOOKS {
+        match api.get_metadata_opt(name).await {
+            Ok(Some(_)) => return Ok(Some(format!("MutatingWebhookConfiguration {name}"))),
+            Ok(None) => {}
+            Err(kube::Error::Api(status)) if status.code == 403 => {
+                warn!(webhook = name, "cannot read GKE's webhook configurations (RBAC): Autopilot detection relies on the API group alone");
+                break;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(None)
+}
+
+/// `--gke-autopilot`: as given, or for `auto` detected (no API call otherwise).
+pub async fn autopilot(setting: GkeAutopilot, client: &Client) -> Result<bool, kube::Error> {
+    match setting {
+        GkeAutopilot::True => Ok(true),
+        GkeAutopilot::False => Ok(false),
+        GkeAutopilot::Auto => {
+            let signal = detect_autopilot(client).await?;
+            info!(
+                autopilot = signal.is_some(),
+                signal = signal.as_deref().unwrap_or("none"),
+                "GKE Autopilot detection"
+            );
+            Ok(signal.is_some())
+        }
     }
 }
 

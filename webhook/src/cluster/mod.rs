@@ -30,11 +30,40 @@ pub enum KsaLookup {
     Mapped(String),
 }
 
+/// A node's kubelet version, `status.nodeInfo.kubeletVersion` (such as `v1.28.9-gke.1000000`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeKubelet {
+    pub node: String,
+    /// As the node reports it.
+    pub raw: String,
+    /// Major and minor; `(0, 0)` when the version does not read as `vMAJOR.MINOR…`, so an
+    /// unknown kubelet counts as old.
+    pub version: (u32, u32),
+}
+
+impl NodeKubelet {
+    pub fn new(node: &str, raw: &str) -> Self {
+        let mut numbers = raw.trim_start_matches('v').split(['.', '-', '+']).map(|n| n.parse::<u32>().ok());
+        let version = match (numbers.next().flatten(), numbers.next().flatten()) {
+            (Some(major), Some(minor)) => (major, minor),
+            _ => (0, 0),
+        };
+        Self { node: node.to_owned(), raw: raw.to_owned(), version }
+    }
+
+    /// The oldest of `kubelets` (the first such, by name, on a tie).
+    pub fn oldest(kubelets: impl IntoIterator<Item = Self>) -> Option<Self> {
+        kubelets.into_iter().min_by(|a, b| a.version.cmp(&b.version).then_with(|| a.node.cmp(&b.node)))
+    }
+}
+
 /// Read access to the cluster state the injection depends on; no I/O behind it.
 pub trait ClusterState: Send + Sync {
     /// The namespace's labels, `kubernetes.io/metadata.name` always among them.
     fn namespace_labels(&self, namespace: &str) -> BTreeMap<String, String>;
     fn service_account(&self, namespace: &str, name: &str) -> KsaLookup;
+    /// The oldest kubelet among the nodes, if any node is known.
+    fn oldest_kubelet(&self) -> Option<NodeKubelet>;
 }
 
 /// A change in the cluster that a decision asks for; the cluster applies it.
@@ -112,5 +141,35 @@ impl ClusterState for Cluster {
 
     fn service_account(&self, namespace: &str, name: &str) -> KsaLookup {
         self.state().service_account(namespace, name)
+    }
+
+    fn oldest_kubelet(&self) -> Option<NodeKubelet> {
+        self.state().oldest_kubelet()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kubelet_versions() {
+        for (raw, version) in [
+            ("v1.28.9-gke.1000000", (1, 28)),
+            ("v1.29.0", (1, 29)),
+            ("v1.31.1+k3s1", (1, 31)),
+            ("1.30", (1, 30)),
+            ("", (0, 0)),
+            ("vX.Y", (0, 0)),
+        ] {
+            assert_eq!(NodeKubelet::new("n", raw).version, version, "{raw:?}");
+        }
+        let oldest = NodeKubelet::oldest([
+            NodeKubelet::new("b", "v1.30.2"),
+            NodeKubelet::new("c", "v1.28.9-gke.1"),
+            NodeKubelet::new("a", "v1.28.15"),
+        ]);
+        assert_eq!(oldest.map(|k| k.node), Some("a".to_owned()));
+        assert_eq!(NodeKubelet::oldest([]), None);
     }
 }
