@@ -531,7 +531,7 @@ fn add_app_env(spec: &PodSpec, settings: &Settings, patch: &mut Vec<PatchOperati
     }
     for (list, containers) in lists {
         for (index, container) in containers.iter().enumerate() {
-            if settings.skip.contains(&container.name) {
+            if settings.skip.contains(&container.name) || mesh::is_mesh_container(&container.name) {
                 continue;
             }
             let existing = container.env.as_deref().unwrap_or_default();
@@ -586,7 +586,8 @@ fn add_sidecar(
             spec.restart_policy.as_deref().unwrap_or_default()
         ));
     }
-    if spec.init_containers.as_ref().is_some_and(|cs| cs.iter().any(|c| !settings.skip.contains(&c.name))) {
+    let calls_upstreams = |c: &Container| !settings.skip.contains(&c.name) && !mesh::is_mesh_container(&c.name);
+    if spec.init_containers.as_ref().is_some_and(|cs| cs.iter().any(calls_upstreams)) {
         warnings.push(format!(
             "the sidecar is a regular container, so init containers run before it and cannot reach it: set {NATIVE_SIDECAR_ANNOTATION}: \"true\" or list them in {SKIP_CONTAINERS_ANNOTATION}"
         ));

@@ -130,6 +130,11 @@ pub fn detect(pod: &Pod, namespace_labels: &BTreeMap<String, String>) -> Vec<Mes
     meshes
 }
 
+/// Containers a mesh's injector adds: they never call upstreams through the sidecar.
+pub fn is_mesh_container(name: &str) -> bool {
+    matches!(name, "istio-init" | "istio-validation" | "istio-proxy" | "linkerd-init" | "linkerd-proxy")
+}
+
 fn is_native(container: &Container) -> bool {
     container.restart_policy.as_deref() == Some("Always")
 }

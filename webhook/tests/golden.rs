@@ -92,6 +92,81 @@ fn check_types(case: &str, output: &str) {
     }
 }
 
+/// In every injected pod of the output, the sidecar starts where it can get its tokens and binds
+/// no port another container (a mesh proxy's undeclared ports included) binds:
+/// - after a mesh proxy that runs as a native sidecar;
+/// - with a classic mesh proxy: before the mesh's init container installs its redirection, or
+///   after a proxy the kubelet starts first, or with the metadata server excluded from it.
+fn check_start_order(case: &str, output: &str) {
+    const MESHES: [(&str, &str, &[u16], &str, &str); 2] = [
+        (
+            "istio-proxy",
+            "istio-init",
+            wiproxy_common::mesh_ports::ISTIO,
+            "traffic.sidecar.istio.io/excludeOutboundIPRanges",
+            "169.254.169.254/32",
+        ),
+        (
+            "linkerd-proxy",
+            "linkerd-init",
+            wiproxy_common::mesh_ports::LINKERD,
+            "config.linkerd.io/skip-subnets",
+            "169.254.169.254/32",
+        ),
+    ];
+    for doc in yaml::parse_stream(output, case).expect("output is YAML") {
+        let pod = match doc["kind"].as_str() {
+            Some("Pod") => doc.clone(),
+            Some("CronJob") => doc.pointer("/spec/jobTemplate/spec/template").cloned().unwrap_or_default(),
+            _ => doc.pointer("/spec/template").cloned().unwrap_or_default(),
+        };
+        let names = |list: &str| -> Vec<Value> { pod["spec"][list].as_array().cloned().unwrap_or_default() };
+        let (inits, containers) = (names("initContainers"), names("containers"));
+        let position = |list: &[Value], name: &str| list.iter().position(|c| c["name"] == name);
+        let (Some(sidecar), native) = (match position(&inits, "wiproxy") {
+            Some(at) => (Some(at), true),
+            None => (position(&containers, "wiproxy"), false),
+        }) else {
+            continue;
+        };
+        for (proxy, init, ports, exclusion, range) in MESHES {
+            let excluded =
+                pod["metadata"]["annotations"][exclusion].as_str().is_some_and(|v| v.split(',').any(|r| r == range));
+            if let Some(at) = position(&inits, proxy) {
+                assert!(!native || sidecar > at, "{case}: wiproxy starts before {proxy}, a native sidecar it needs");
+            } else if let Some(at) = position(&containers, proxy) {
+                let before_redirection = native && position(&inits, init).is_none_or(|init_at| sidecar < init_at);
+                let after_proxy = !native && at < sidecar && at == 0;
+                assert!(
+                    before_redirection || after_proxy || excluded,
+                    "{case}: wiproxy cannot reach the metadata server before {proxy} runs"
+                );
+            } else {
+                continue;
+            }
+            let sidecar = if native { &inits[sidecar] } else { &containers[sidecar] };
+            let env = |name: &str| {
+                sidecar["env"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|e| e["name"] == name)
+                    .and_then(|e| e["value"].as_str())
+                    .unwrap_or_default()
+                    .to_owned()
+            };
+            for listen in [env("WIPROXY_LISTEN"), env("WIPROXY_ADMIN_LISTEN")] {
+                let port: u16 = listen.rsplit(':').next().and_then(|p| p.parse().ok()).expect("a port");
+                assert!(!ports.contains(&port), "{case}: wiproxy listens on {port}, a port of {proxy}");
+                for other in inits.iter().chain(&containers).filter(|c| c["name"] != "wiproxy") {
+                    let declared = other["ports"].as_array().into_iter().flatten().any(|p| p["containerPort"] == port);
+                    assert!(!declared, "{case}: wiproxy listens on {port}, declared by {}", other["name"]);
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn golden_cases() {
     let update = std::env::var_os("UPDATE_GOLDEN").is_some();
@@ -130,6 +205,7 @@ fn golden_cases() {
 
         if let Some(output) = output {
             check_types(&case, &output);
+            check_start_order(&case, &output);
             // Rendering the output again changes nothing and warns about nothing new.
             let again_path = std::env::temp_dir().join(format!("wiproxy-golden-{}-{case}.yaml", std::process::id()));
             fs::write(&again_path, &output).expect("write temp");
