@@ -154,6 +154,12 @@ chart-test: build $(HELM) $(KUBE_VALIDATE)
 	  $(VENV)/bin/python tests/schema/validate_policies.py $(CHART)/crds/tokenproxypolicies.yaml $(OUT)/chart-$$mode.yaml; \
 	done
 	$(HELM) template wiproxy $(CHART) -n wiproxy-system > $(OUT)/chart-defaults.yaml
+	@newest=$$($(KUBE_VALIDATE) --version); \
+	for version in $(KUBE_OLDEST) $$newest; do \
+	  echo "kubernetes-validate --strict -k $$version: the chart with default values"; \
+	  $(KUBE_VALIDATE) --strict --quiet --no-warn -k $$version $(OUT)/chart-defaults.yaml || exit 1; \
+	done
+	$(VENV)/bin/python tests/schema/check_chart.py self-signed $(OUT)/chart-defaults.yaml $(OUT)/serve-help.txt
 	$(VENV)/bin/python tests/schema/check_extras.py none $(OUT)/chart-defaults.yaml
 	$(HELM) template wiproxy $(CHART) -n wiproxy-system --set prometheusRule.enabled=true --set grafanaDashboard.enabled=true \
 	  --set networkPolicy.enabled=true --set networkPolicy.metricsNamespace=monitoring \

@@ -95,6 +95,13 @@ def main():
     flags = [re.match(r"(--[a-z0-9-]+)", a).group(1) for a in args[1:]]
     for flag in flags:
         expect(re.search(rf"^\s+{re.escape(flag)}\b", help_text, re.M), f"{flag} is not a flag of wiproxy-webhook serve")
+    expect("--gke-autopilot=auto" in args and "--native-sidecars=auto" in args, "Autopilot and native sidecars detected")
+    rules = by_kind["ClusterRole"][0]["rules"]
+    expect({"apiGroups": [""], "resources": ["nodes"], "verbs": ["list", "watch"]} in rules,
+           "list/watch of nodes, for the kubelet versions")
+    autopilot_rules = [r for r in rules if r["resources"] == ["mutatingwebhookconfigurations"] and r["verbs"] == ["get"]]
+    expect(len(autopilot_rules) == 1 and all(n.endswith(".common-webhooks.networking.gke.io") for n in autopilot_rules[0]["resourceNames"]),
+           "get of GKE's Autopilot webhooks by name, nothing more")
     if mode == "self-signed":
         expect("--self-signed-secret" in flags and "--webhook-configurations" in flags, "self-signed flags")
         expect("Role" in by_kind, "Secret access for self-signed mode")
