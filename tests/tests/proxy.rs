@@ -10,6 +10,7 @@ use http::{Request, StatusCode};
 use http_body_util::Full;
 use support::{metric, raw, wait_ready, wait_unready};
 use wiproxy_tests::client::Http;
+use wiproxy_tests::google::KsaMapping;
 use wiproxy_tests::sidecar::Sidecar;
 use wiproxy_tests::world::{self, World, CUSTOM_AUDIENCE, CUSTOM_HOST, FUNCTION_URL, GSA, RUN_HOST};
 
@@ -223,7 +224,7 @@ async fn unbound_service_account_is_reported_in_readyz_and_never_forwarded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_for_another_service_account_is_never_used() {
     let world = World::start().await;
-    *world.google.bound.lock().expect("lock") = Some("someone-else@client-project.iam.gserviceaccount.com".into());
+    world.google.set_ksa(KsaMapping::Bound("someone-else@client-project.iam.gserviceaccount.com".into()));
     let sidecar = Sidecar::start(&world.env(&format!("fn={FUNCTION_URL}")));
     let http = Http::new();
     let readyz = wait_unready(&http, &sidecar, READY).await;
