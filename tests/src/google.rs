@@ -353,8 +353,25 @@ fn iam_error(status: u16, message: &str) -> Response {
         .into_response()
 }
 
+/// The token endpoint's own URI: what a key file's `token_uri` says, and the only `aud` it takes.
+pub const OAUTH_TOKEN_URI: &str = "https://oauth2.googleapis.com/token";
+/// Longest assertion Google takes: "exp … a maximum of 1 hour after the issued time"
+/// (https://developers.google.com/identity/protocols/oauth2/service-account#authorizingrequests).
+const MAX_ASSERTION_LIFETIME: u64 = 3600;
+/// Clock skew allowed on `iat`. Google documents none; a minute here.
+const ASSERTION_SKEW: u64 = 60;
+
 /// `oauth2.googleapis.com/token`: a signed JWT assertion from a service-account key in, an ID
-/// token for its `target_audience` out.
+/// token for its `target_audience` out (RFC 7523 JWT bearer grant). Checked as Google documents
+/// for the assertion (https://developers.google.com/identity/protocols/oauth2/service-account):
+/// the signature by the key, `iss` the key's email, `aud` "always
+/// https://oauth2.googleapis.com/token", `exp` at most one hour after `iat` and not past.
+/// Refusals are 400 `{"error":"invalid_grant","error_description":"Invalid JWT: …"}`; the
+/// descriptions are Google's as users report them: "Invalid JWT: Failed audience check."
+/// (googleapis/google-cloud-python#15228, with "The right audience is …" in
+/// requests/requests-oauthlib#247) and "Invalid JWT: Token must be a short-lived token (60
+/// minutes) and in a reasonable timeframe. Check your iat and exp values in the JWT claim."
+/// (a-marenkov/gsheets#96). The signature and issuer texts are undocumented.
 async fn oauth_token(State(google): State<Arc<Google>>, body: String) -> Response {
     let form: HashMap<String, String> = url::form_urlencoded::parse(body.as_bytes()).into_owned().collect();
     if form.get("grant_type").map(String::as_str) != Some("urn:ietf:params:oauth:grant-type:jwt-bearer") {
@@ -370,11 +387,25 @@ async fn oauth_token(State(google): State<Arc<Google>>, body: String) -> Respons
     if claims["iss"] != google.key_file_email.as_str() {
         return oauth_error(400, "invalid_grant", "Invalid JWT: unknown issuer");
     }
-    if claims["exp"].as_u64().is_none_or(|exp| exp <= now()) {
+    if claims["aud"] != OAUTH_TOKEN_URI {
         return oauth_error(
             400,
             "invalid_grant",
-            "Invalid JWT: Token must be a short-lived token and in a reasonable timeframe",
+            &format!("Invalid JWT: Failed audience check. The right audience is {OAUTH_TOKEN_URI}"),
+        );
+    }
+    let now = now();
+    let timely = match (claims["iat"].as_u64(), claims["exp"].as_u64()) {
+        (Some(iat), Some(exp)) => {
+            iat <= now + ASSERTION_SKEW && exp > now && exp > iat && exp - iat <= MAX_ASSERTION_LIFETIME
+        }
+        _ => false,
+    };
+    if !timely {
+        return oauth_error(
+            400,
+            "invalid_grant",
+            "Invalid JWT: Token must be a short-lived token (60 minutes) and in a reasonable timeframe. Check your iat and exp values in the JWT claim.",
         );
     }
     let Some(audience) = claims["target_audience"].as_str() else {

@@ -10,8 +10,9 @@ use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::Full;
 use support::{wait_ready, wait_unready};
-use wiproxy_tests::client::{Http, Reply};
-use wiproxy_tests::google::KsaMapping;
+use wiproxy_tests::client::{https_send, Http, Reply};
+use wiproxy_tests::google::{KsaMapping, OAUTH_TOKEN_URI, SERVICE_ACCOUNT_KEY};
+use wiproxy_tests::jwt::Signer;
 use wiproxy_tests::sidecar::{binary, Sidecar};
 use wiproxy_tests::world::{World, FUNCTION_URL, GSA, IMPERSONATED_GSA, KEY_FILE_GSA, RUN_HOST};
 
@@ -168,6 +169,69 @@ async fn a_missing_iam_binding_shows_gkes_message_in_readyz_and_in_every_503() {
     let sidecar = Sidecar::start(&world.env(&format!("fn={FUNCTION_URL}")));
     let readyz = wait_unready(&http, &sidecar, READY).await;
     assert!(readyz.text().contains("IAM returned 404 Not Found: Requested entity was not found."), "{}", readyz.text());
+}
+
+/// A JWT-bearer assertion signed with the fixture key, with `change` applied to its claims.
+fn assertion(change: serde_json::Value) -> String {
+    let key: serde_json::Value = serde_json::from_str(SERVICE_ACCOUNT_KEY).expect("fixture key");
+    let signer = Signer::from_pem(key["private_key"].as_str().unwrap_or_default(), "sa").expect("RSA key");
+    let iat = wiproxy_tests::jwt::now();
+    let mut claims = serde_json::json!({
+        "iss": KEY_FILE_GSA,
+        "sub": KEY_FILE_GSA,
+        "aud": OAUTH_TOKEN_URI,
+        "iat": iat,
+        "exp": iat + 3600,
+        "target_audience": "https://onprem.example.com",
+    });
+    for (name, value) in change.as_object().into_iter().flatten() {
+        claims[name] = value.clone();
+    }
+    signer.sign(&claims)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_oauth_endpoint_refuses_a_foreign_audience_and_an_assertion_longer_than_an_hour() {
+    let world = World::start().await;
+    let exchange = |assertion: String| {
+        let form =
+            url_form(&[("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"), ("assertion", &assertion)]);
+        let request = Request::post("/token")
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(Full::new(Bytes::from(form)))
+            .expect("request");
+        https_send(world.googleapis, "oauth2.googleapis.com", request, world.ca.client_config())
+    };
+    let accepted = exchange(assertion(serde_json::json!({}))).await.expect("answer");
+    assert_eq!(accepted.status, StatusCode::OK, "{}", accepted.text());
+    assert!(accepted.json()["id_token"].is_string());
+
+    let iat = wiproxy_tests::jwt::now();
+    let cases = [
+        (
+            serde_json::json!({"aud": "https://www.googleapis.com/oauth2/v4/token"}),
+            "Invalid JWT: Failed audience check.",
+        ),
+        (serde_json::json!({"aud": "https://onprem.example.com"}), "Invalid JWT: Failed audience check."),
+        (serde_json::json!({"exp": iat + 3601}), "Invalid JWT: Token must be a short-lived token (60 minutes)"),
+        (serde_json::json!({"iat": iat - 600, "exp": iat + 3600}), "Invalid JWT: Token must be a short-lived token"),
+        (serde_json::json!({"exp": iat - 1, "iat": iat - 100}), "Invalid JWT: Token must be a short-lived token"),
+        (serde_json::json!({"iat": iat + 3600, "exp": iat + 3700}), "Invalid JWT: Token must be a short-lived token"),
+    ];
+    for (change, words) in cases {
+        let refused = exchange(assertion(change.clone())).await.expect("answer");
+        assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{change}");
+        assert_eq!(refused.json()["error"], "invalid_grant", "{change}");
+        assert!(
+            refused.json()["error_description"].as_str().is_some_and(|d| d.starts_with(words)),
+            "{change}: {}",
+            refused.text()
+        );
+    }
+}
+
+fn url_form(pairs: &[(&str, &str)]) -> String {
+    url::form_urlencoded::Serializer::new(String::new()).extend_pairs(pairs).finish()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
