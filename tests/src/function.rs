@@ -32,9 +32,9 @@ impl Service {
     /// A Cloud Run service: its `*.run.app` URLs (the deterministic
     /// `https://SERVICE-PROJECT_NUMBER.REGION.run.app` and the older
     /// `https://SERVICE-HASH-REGION.a.run.app`), each an accepted audience as an origin, plus
-    /// its custom audiences (https://cloud.google.com/run/docs/configuring/custom-audiences:
-    /// "By default, Cloud Run uses the service URL as the audience … you can configure custom
-    /// audiences"; https://cloud.google.com/run/docs/authenticating/service-to-service).
+    /// its custom audiences (https://cloud.google.com/run/docs/configuring/custom-audiences: the
+    /// service's URLs are accepted by default, and custom audiences are accepted as well;
+    /// https://cloud.google.com/run/docs/authenticating/service-to-service).
     pub fn cloud_run(run_hosts: &[&str], custom_audiences: &[&str]) -> Self {
         Self {
             urls: run_hosts.iter().map(|h| (h.to_string(), String::new())).collect(),
@@ -47,8 +47,8 @@ impl Service {
     }
 
     /// A function at `https://HOST/NAME`: gen1 accepts exactly that URL as audience
-    /// (https://cloud.google.com/functions/docs/securing/authenticating: "the audience … is the
-    /// URL of the function"); a gen2 function is also a Cloud Run service, so pass its run.app
+    /// (https://cloud.google.com/functions/docs/securing/authenticating: the audience is the URL of
+    /// the function); a gen2 function is also a Cloud Run service, so pass its run.app
     /// hosts too and it accepts either URL (https://cloud.google.com/functions/docs/concepts/version-comparison).
     pub fn function(host: &str, name: &str, run_hosts: &[&str]) -> Self {
         let mut service = Self::cloud_run(run_hosts, &[]);
@@ -143,10 +143,11 @@ fn google_page(title: &str, h1: &str, h2: &str) -> String {
 
 /// A token the front end cannot accept: a bad signature, an audience the service does not take,
 /// an expired or revoked token. Cloud Run's troubleshooting page
-/// (https://cloud.google.com/run/docs/troubleshooting, "401 … The request was not authorized")
-/// gives the status and the body's words; the challenge (no comma between the parameters) is as
-/// users report it (google/ground-platform `data-import.service.ts`, google/adk-python#3814), not
-/// documented by Google. The status for an *expired* token is undocumented; 401 here, as for any
+/// (https://cloud.google.com/run/docs/troubleshooting, its 401 and 403 entries: 401 for a token
+/// that is not valid for the service, 403 for a missing token or a missing invoker role) gives
+/// the statuses. The page is Google's front-end error page as users paste it, and the challenge
+/// (no comma between the parameters) as users report it (google/ground-platform
+/// `data-import.service.ts`, google/adk-python#3814): neither is documented by Google. The status for an *expired* token is undocumented; 401 here, as for any
 /// token the front end cannot verify.
 fn unauthorized(path: &str) -> Response {
     let body = google_page(
@@ -165,7 +166,7 @@ fn unauthorized(path: &str) -> Response {
 
 /// No token at all, or a valid token of a caller without the invoker role: 403 with Google's
 /// "Your client does not have permission to get URL … from this server." page and no
-/// `WWW-Authenticate` (https://cloud.google.com/run/docs/troubleshooting, "403 … Forbidden").
+/// `WWW-Authenticate` (https://cloud.google.com/run/docs/troubleshooting, its 403 entry).
 fn forbidden(path: &str) -> Response {
     let body = google_page(
         "403 Forbidden",
@@ -179,9 +180,9 @@ fn forbidden(path: &str) -> Response {
 }
 
 /// The token and the header it came in. `X-Serverless-Authorization` is honoured, and wins, on
-/// Cloud Run hosts only (run.app and a service's mapped domains:
-/// https://cloud.google.com/run/docs/authenticating/service-to-service#acquire-token, "you can
-/// use the X-Serverless-Authorization header … Cloud Run passes the Authorization header through");
+/// Cloud Run hosts only (run.app, and a service's mapped domains, which is undocumented:
+/// https://cloud.google.com/run/docs/authenticating/service-to-service: the token may come in
+/// `X-Serverless-Authorization`, and then the app's own `Authorization` passes through);
 /// a cloudfunctions.net URL reads `Authorization` only (gen1 documents only it; gen2's
 /// cloudfunctions.net URL is modelled the same, undocumented).
 fn bearer(request: &Request, cloud_functions_host: bool) -> Option<(&'static str, String)> {

@@ -317,7 +317,8 @@ async fn metadata_access_token(State(google): State<Arc<Google>>) -> Response {
 
 /// `/email`: the annotated GSA; for an unannotated KSA the pool's name `PROJECT_ID.svc.id.goog`
 /// (user report argoproj/argo-cd#20368; GKE does not document it). That the GSA is returned
-/// without IAM being asked, binding or not, is undocumented (so in the emulator above).
+/// without IAM being asked, binding or not, is undocumented (so in the emulator above). Text
+/// answers are `application/text`, as GKE's 200 in googleapis/google-cloud-ruby#3750.
 async fn metadata_email(State(google): State<Arc<Google>>) -> Response {
     let email = match google.ksa() {
         KsaMapping::Bound(email) | KsaMapping::NoBinding(email) | KsaMapping::MissingGsa(email) => email,
