@@ -27,8 +27,10 @@ const DEFAULT_METADATA_HOST: &str = "169.254.169.254";
 const IAM_CREDENTIALS: &str = "https://iamcredentials.googleapis.com";
 /// Longest wait for one answer; the GKE metadata server can take seconds on a cache miss.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(15);
-/// Longest error text kept from a server's answer.
-const MAX_MESSAGE: usize = 300;
+/// Longest error text kept from a server's answer: room for the GKE metadata server's message
+/// on a missing Workload Identity binding (about 330 characters, ending with the link to the
+/// how-to) whole.
+const MAX_MESSAGE: usize = 512;
 
 /// How the sidecar obtains tokens (`WIPROXY_CREDENTIALS`).
 #[derive(Clone)]

@@ -66,6 +66,18 @@ pub async fn https_get(
     path: &str,
     tls: rustls::ClientConfig,
 ) -> Result<Reply, String> {
+    let request = Request::get(path).body(Full::new(Bytes::new())).map_err(|e| e.to_string())?;
+    https_send(addr, host, request, tls).await
+}
+
+/// `request` (origin-form URI) sent over HTTPS/1.1 to `addr` with `Host: host`, verifying the
+/// server as `host` against `tls`'s roots: a call made straight to a fake, without the sidecar.
+pub async fn https_send(
+    addr: std::net::SocketAddr,
+    host: &str,
+    mut request: Request<Full<Bytes>>,
+    tls: rustls::ClientConfig,
+) -> Result<Reply, String> {
     let mut tls = tls;
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     let tcp = tokio::net::TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
@@ -77,7 +89,7 @@ pub async fn https_get(
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
     tokio::spawn(connection);
-    let request = Request::get(path).header("host", host).body(Full::new(Bytes::new())).map_err(|e| e.to_string())?;
+    request.headers_mut().insert(http::header::HOST, host.parse().map_err(|_| "bad host".to_owned())?);
     let response = sender.send_request(request).await.map_err(|e| e.to_string())?;
     let status = response.status();
     let headers = response.headers().clone();

@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::{Query, Request, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -69,8 +70,8 @@ pub struct Google {
     pub delay_ms: AtomicU64,
     /// When set, the metadata server answers every identity request with this status and text.
     pub failure: Mutex<Option<(u16, String)>>,
-    /// The GSA the pod's KSA is bound to; `None` is an unbound KSA (404).
-    pub bound: Mutex<Option<String>>,
+    /// The pod's KSA and its GSA (see `KsaMapping`).
+    ksa: Mutex<KsaMapping>,
     /// GSAs the bound GSA may impersonate through IAM Credentials.
     pub impersonable: Mutex<Vec<String>>,
     /// `roles/iam.workloadIdentityUser` bindings: (federated principal, GSA).
@@ -100,7 +101,7 @@ impl Google {
             lifetime_secs: AtomicU64::new(3600),
             delay_ms: AtomicU64::new(0),
             failure: Mutex::default(),
-            bound: Mutex::new(Some(bound.to_owned())),
+            ksa: Mutex::new(KsaMapping::Bound(bound.to_owned())),
             impersonable: Mutex::default(),
             federated_bindings: Mutex::default(),
             sts_lifetime_secs: AtomicU64::new(3600),
@@ -174,15 +175,95 @@ impl Google {
     }
 }
 
-fn text(status: u16, message: &str) -> Response {
-    (StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR), format!("{message}\n")).into_response()
+/// The GKE cluster's project and its workload identity pool (`PROJECT_ID.svc.id.goog`).
+pub const CLUSTER_PROJECT: &str = "client-project";
+pub const WORKLOAD_POOL: &str = "client-project.svc.id.goog";
+/// The pod's Kubernetes service account, as the metadata server's messages name it.
+pub const POD_NAMESPACE: &str = "payments";
+pub const POD_KSA: &str = "orders-client";
+
+/// How the pod's KSA stands with Workload Identity: its `iam.gke.io/gcp-service-account`
+/// annotation, and whether the GSA it names exists and grants the KSA's member
+/// `serviceAccount:PROJECT_ID.svc.id.goog[NAMESPACE/KSA]` `roles/iam.workloadIdentityUser`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KsaMapping {
+    /// Annotated with this GSA, and the binding exists: tokens are the GSA's.
+    Bound(String),
+    /// Annotated with this GSA, but the GSA lacks the `roles/iam.workloadIdentityUser` binding.
+    NoBinding(String),
+    /// Annotated with a GSA that does not exist.
+    MissingGsa(String),
+    /// No annotation: the KSA acts as itself, a member of the workload identity pool.
+    Unannotated,
 }
 
-/// Checks the metadata server applies to every request: `Metadata-Flavor: Google` and no
-/// `X-Forwarded-For` (it refuses proxied requests).
+impl Google {
+    pub fn set_ksa(&self, mapping: KsaMapping) {
+        *self.ksa.lock().expect("lock") = mapping;
+    }
+
+    fn ksa(&self) -> KsaMapping {
+        self.ksa.lock().expect("lock").clone()
+    }
+}
+
+/// What the GKE metadata server says when the KSA→GSA exchange fails at IAM. The 403 text is
+/// quoted by Config Connector's troubleshooting page
+/// (https://cloud.google.com/config-connector/docs/troubleshooting, "403 Forbidden" with Workload
+/// Identity) for `/token`; that `/identity` answers the same text is undocumented (modelled so).
+/// The 404 for a GSA that does not exist is modelled on the same shape with IAM's 404 words
+/// ("Requested entity was not found."); its exact GKE wording is undocumented.
+const NO_BINDING: &str = "Unable to generate access token; IAM returned 403 Forbidden: The caller does not have permission\nThis error could be caused by a missing IAM policy binding on the target IAM service account.\nFor more information, refer to the Workload Identity documentation: https://cloud.google.com/kubernetes-engine/docs/how-to/workload-identity";
+const MISSING_GSA: &str =
+    "Unable to generate access token; IAM returned 404 Not Found: Requested entity was not found.";
+
+/// The `/identity` refusal for a KSA without the annotation. Undocumented for real GKE: the only
+/// source is the open-source emulator matheuscscp/gke-metadata-server
+/// (`internal/server/gke_apis.go`), which answers 404 saying the KSA is not annotated with a
+/// target GSA; our wording is our own.
+fn unannotated_identity() -> String {
+    format!(
+        "The Kubernetes service account {POD_NAMESPACE}/{POD_KSA} is not annotated with a target Google service account (iam.gke.io/gcp-service-account), which identity tokens require under Workload Identity.\nRefer to https://cloud.google.com/kubernetes-engine/docs/how-to/workload-identity"
+    )
+}
+
+/// An error as the GKE metadata server (a Go server) writes it: Go's `http.Error`, so
+/// `text/plain; charset=utf-8`, `X-Content-Type-Options: nosniff` and a trailing newline (the
+/// headers and the 94-byte length of the 403 in the curl -v of googleapis/google-cloud-ruby#3750).
+fn text(status: u16, message: &str) -> Response {
+    (
+        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8"), (header::X_CONTENT_TYPE_OPTIONS, "nosniff")],
+        format!("{message}\n"),
+    )
+        .into_response()
+}
+
+/// The metadata server's answer headers past the guard: `Metadata-Flavor: Google` and
+/// `Server: GKE Metadata Server` (googleapis/google-cloud-ruby#3750, a 200 from GKE). Whether its
+/// IAM refusals carry them too is undocumented; they do here.
+async fn metadata_headers(request: Request, next: Next) -> Response {
+    if let Some(refusal) = metadata_guard(request.headers()) {
+        return refusal;
+    }
+    let mut response = next.run(request).await;
+    let headers = response.headers_mut();
+    headers.insert("metadata-flavor", HeaderValue::from_static("Google"));
+    headers.insert(header::SERVER, HeaderValue::from_static("GKE Metadata Server"));
+    response
+}
+
+/// Checks the metadata server applies to every request, whatever the path (`/email` included):
+/// `Metadata-Flavor: Google`, refused with 403 and no `Metadata-Flavor` in the answer
+/// (googleapis/google-cloud-ruby#3750, curl -v against GKE 1.13), and no `X-Forwarded-For` (it
+/// refuses proxied requests, https://cloud.google.com/compute/docs/metadata/querying-metadata;
+/// GKE's wording for that refusal is undocumented).
 fn metadata_guard(headers: &HeaderMap) -> Option<Response> {
     if headers.get("metadata-flavor").and_then(|v| v.to_str().ok()) != Some("Google") {
-        return Some(text(403, "Missing required header \"Metadata-Flavor\": \"Google\""));
+        return Some(text(
+            403,
+            "GKE Metadata Server encountered an error: Missing required header \"Metadata-Flavor\": \"Google\"",
+        ));
     }
     if headers.contains_key("x-forwarded-for") {
         return Some(text(403, "Request denied: the metadata server does not accept requests with X-Forwarded-For"));
@@ -196,14 +277,7 @@ struct IdentityQuery {
     format: Option<String>,
 }
 
-async fn identity(
-    State(google): State<Arc<Google>>,
-    headers: HeaderMap,
-    Query(query): Query<IdentityQuery>,
-) -> Response {
-    if let Some(refusal) = metadata_guard(&headers) {
-        return refusal;
-    }
+async fn identity(State(google): State<Arc<Google>>, Query(query): Query<IdentityQuery>) -> Response {
     let Some(audience) = query.audience.filter(|a| !a.is_empty()) else {
         return text(400, "non-empty audience parameter required");
     };
@@ -215,38 +289,54 @@ async fn identity(
     if let Some((status, message)) = google.failure.lock().expect("lock").clone() {
         return text(status, &message);
     }
-    let Some(email) = google.bound.lock().expect("lock").clone() else {
-        return text(
-            404,
-            "The Kubernetes service account is not bound to a Google service account: add the roles/iam.workloadIdentityUser binding and the iam.gke.io/gcp-service-account annotation",
-        );
+    let email = match google.ksa() {
+        KsaMapping::Bound(email) => email,
+        KsaMapping::NoBinding(_) => return text(403, NO_BINDING),
+        KsaMapping::MissingGsa(_) => return text(404, MISSING_GSA),
+        KsaMapping::Unannotated => return text(404, &unannotated_identity()),
     };
     let full = query.format.as_deref() == Some("full");
-    google.mint(&audience, &email, full).into_response()
+    let mut response = google.mint(&audience, &email, full).into_response();
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/text"));
+    response
 }
 
-async fn metadata_access_token(State(google): State<Arc<Google>>, headers: HeaderMap) -> Response {
-    if let Some(refusal) = metadata_guard(&headers) {
-        return refusal;
-    }
-    let Some(email) = google.bound.lock().expect("lock").clone() else {
-        return text(404, "The Kubernetes service account is not bound to a Google service account");
+/// `/token`. An unannotated KSA still gets an access token: a federated token of the workload
+/// identity pool, usable on APIs that grant the KSA's principal directly (GKE "Authenticate to
+/// Google Cloud APIs from GKE workloads", and DESIGN's facts); only the GSA exchange can fail.
+async fn metadata_access_token(State(google): State<Arc<Google>>) -> Response {
+    let caller = match google.ksa() {
+        KsaMapping::Bound(email) => email,
+        KsaMapping::NoBinding(_) => return text(403, NO_BINDING),
+        KsaMapping::MissingGsa(_) => return text(404, MISSING_GSA),
+        KsaMapping::Unannotated => format!("serviceAccount:{WORKLOAD_POOL}[{POD_NAMESPACE}/{POD_KSA}]"),
     };
-    Json(json!({"access_token": google.access_token(&email, 3599), "expires_in": 3599, "token_type": "Bearer"}))
+    Json(json!({"access_token": google.access_token(&caller, 3599), "expires_in": 3599, "token_type": "Bearer"}))
         .into_response()
 }
 
-/// The GKE metadata server, served over plain HTTP as in a pod.
+/// `/email`: the annotated GSA; for an unannotated KSA the pool's name `PROJECT_ID.svc.id.goog`
+/// (user report argoproj/argo-cd#20368; GKE does not document it). That the GSA is returned
+/// without IAM being asked, binding or not, is undocumented (so in the emulator above). Text
+/// answers are `application/text`, as GKE's 200 in googleapis/google-cloud-ruby#3750.
+async fn metadata_email(State(google): State<Arc<Google>>) -> Response {
+    let email = match google.ksa() {
+        KsaMapping::Bound(email) | KsaMapping::NoBinding(email) | KsaMapping::MissingGsa(email) => email,
+        KsaMapping::Unannotated => WORKLOAD_POOL.to_owned(),
+    };
+    ([(header::CONTENT_TYPE, "application/text")], email).into_response()
+}
+
+/// The GKE metadata server, served over plain HTTP as in a pod. Every path, unknown ones
+/// included, passes the `Metadata-Flavor` guard first.
 pub fn metadata_router(google: Arc<Google>) -> Router {
     Router::new()
         .route("/computeMetadata/v1/instance/service-accounts/default/identity", get(identity))
         .route("/computeMetadata/v1/instance/service-accounts/default/token", get(metadata_access_token))
-        .route(
-            "/computeMetadata/v1/instance/service-accounts/default/email",
-            get(|State(google): State<Arc<Google>>| async move {
-                google.bound.lock().expect("lock").clone().unwrap_or_default()
-            }),
-        )
+        .route("/computeMetadata/v1/instance/service-accounts/default/email", get(metadata_email))
+        // GKE's answer to other paths is not modelled; a plain 404 stands in (undocumented).
+        .fallback(|| async { text(404, "Not Found") })
+        .layer(axum::middleware::from_fn(metadata_headers))
         .with_state(google)
 }
 
@@ -264,8 +354,25 @@ fn iam_error(status: u16, message: &str) -> Response {
         .into_response()
 }
 
+/// The token endpoint's own URI: what a key file's `token_uri` says, and the only `aud` it takes.
+pub const OAUTH_TOKEN_URI: &str = "https://oauth2.googleapis.com/token";
+/// Longest assertion Google takes: "exp … a maximum of 1 hour after the issued time"
+/// (https://developers.google.com/identity/protocols/oauth2/service-account#authorizingrequests).
+const MAX_ASSERTION_LIFETIME: u64 = 3600;
+/// Clock skew allowed on `iat`. Google documents none; a minute here.
+const ASSERTION_SKEW: u64 = 60;
+
 /// `oauth2.googleapis.com/token`: a signed JWT assertion from a service-account key in, an ID
-/// token for its `target_audience` out.
+/// token for its `target_audience` out (RFC 7523 JWT bearer grant). Checked as Google documents
+/// for the assertion (https://developers.google.com/identity/protocols/oauth2/service-account):
+/// the signature by the key, `iss` the key's email, `aud` "always
+/// https://oauth2.googleapis.com/token", `exp` at most one hour after `iat` and not past.
+/// Refusals are 400 `{"error":"invalid_grant","error_description":"Invalid JWT: …"}`; the
+/// descriptions are Google's as users report them: "Invalid JWT: Failed audience check."
+/// (googleapis/google-cloud-python#15228, with "The right audience is …" in
+/// requests/requests-oauthlib#247) and "Invalid JWT: Token must be a short-lived token (60
+/// minutes) and in a reasonable timeframe. Check your iat and exp values in the JWT claim."
+/// (a-marenkov/gsheets#96). The signature and issuer texts are undocumented.
 async fn oauth_token(State(google): State<Arc<Google>>, body: String) -> Response {
     let form: HashMap<String, String> = url::form_urlencoded::parse(body.as_bytes()).into_owned().collect();
     if form.get("grant_type").map(String::as_str) != Some("urn:ietf:params:oauth:grant-type:jwt-bearer") {
@@ -281,11 +388,25 @@ async fn oauth_token(State(google): State<Arc<Google>>, body: String) -> Respons
     if claims["iss"] != google.key_file_email.as_str() {
         return oauth_error(400, "invalid_grant", "Invalid JWT: unknown issuer");
     }
-    if claims["exp"].as_u64().is_none_or(|exp| exp <= now()) {
+    if claims["aud"] != OAUTH_TOKEN_URI {
         return oauth_error(
             400,
             "invalid_grant",
-            "Invalid JWT: Token must be a short-lived token and in a reasonable timeframe",
+            &format!("Invalid JWT: Failed audience check. The right audience is {OAUTH_TOKEN_URI}"),
+        );
+    }
+    let now = now();
+    let timely = match (claims["iat"].as_u64(), claims["exp"].as_u64()) {
+        (Some(iat), Some(exp)) => {
+            iat <= now + ASSERTION_SKEW && exp > now && exp > iat && exp - iat <= MAX_ASSERTION_LIFETIME
+        }
+        _ => false,
+    };
+    if !timely {
+        return oauth_error(
+            400,
+            "invalid_grant",
+            "Invalid JWT: Token must be a short-lived token (60 minutes) and in a reasonable timeframe. Check your iat and exp values in the JWT claim.",
         );
     }
     let Some(audience) = claims["target_audience"].as_str() else {

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::function::{self, Function};
+use crate::function::{self, Function, Service};
 use crate::google::{self, Google};
 use crate::pki::TestCa;
 use crate::serve;
@@ -15,11 +15,18 @@ pub const GSA: &str = "invoker@client-project.iam.gserviceaccount.com";
 pub const KEY_FILE_GSA: &str = "onprem-invoker@client-project.iam.gserviceaccount.com";
 pub const IMPERSONATED_GSA: &str = "impersonated@client-project.iam.gserviceaccount.com";
 
+/// The host project's Cloud Functions host, and its gen1 function `orders`.
 pub const FUNCTION_HOST: &str = "europe-west1-host-project.cloudfunctions.net";
 pub const FUNCTION_URL: &str = "https://europe-west1-host-project.cloudfunctions.net/orders";
+/// The Cloud Run service `inventory`: its hash URL, its deterministic URL
+/// (`SERVICE-PROJECT_NUMBER.REGION.run.app`), a mapped custom domain and a custom audience.
 pub const RUN_HOST: &str = "inventory-abc123-ew.a.run.app";
+pub const RUN_DETERMINISTIC_HOST: &str = "inventory-210987654321.europe-west1.run.app";
 pub const CUSTOM_HOST: &str = "custom.example.com";
 pub const CUSTOM_AUDIENCE: &str = "https://custom-audience.example.com";
+/// The gen2 function `invoices`: a cloudfunctions.net URL and the run.app URL of its service.
+pub const GEN2_FUNCTION_URL: &str = "https://europe-west1-host-project.cloudfunctions.net/invoices";
+pub const GEN2_RUN_HOST: &str = "invoices-abc123-ew.a.run.app";
 
 pub struct World {
     pub ca: TestCa,
@@ -40,10 +47,10 @@ impl World {
         google.impersonable.lock().expect("lock").push(IMPERSONATED_GSA.to_owned());
         let function = Function::new(
             google.verifier(),
-            &[
-                (FUNCTION_HOST, FUNCTION_URL),
-                (RUN_HOST, "https://inventory-abc123-ew.a.run.app"),
-                (CUSTOM_HOST, CUSTOM_AUDIENCE),
+            vec![
+                Service::function(FUNCTION_HOST, "orders", &[]),
+                Service::cloud_run(&[RUN_HOST, RUN_DETERMINISTIC_HOST], &[CUSTOM_AUDIENCE]).with_domain(CUSTOM_HOST),
+                Service::function(FUNCTION_HOST, "invoices", &[GEN2_RUN_HOST]),
             ],
             &[GSA, KEY_FILE_GSA, IMPERSONATED_GSA],
         );
@@ -53,9 +60,9 @@ impl World {
             ca.server_config(&["oauth2.googleapis.com", "sts.googleapis.com", "iamcredentials.googleapis.com"]),
         )
         .await;
-        let function_addr =
-            serve::https(function::router(function.clone()), ca.server_config(&[FUNCTION_HOST, RUN_HOST, CUSTOM_HOST]))
-                .await;
+        let hosts = function.hosts();
+        let hosts: Vec<&str> = hosts.iter().map(String::as_str).collect();
+        let function_addr = serve::https(function::router(function.clone()), ca.server_config(&hosts)).await;
         let dir = tempfile::tempdir().expect("temp dir");
         let ca_file = ca.write_pem(dir.path());
         Self { ca, google, function, metadata, googleapis, function_addr, ca_file, _dir: dir }
@@ -65,8 +72,10 @@ impl World {
     pub fn resolve(&self) -> String {
         let f = self.function_addr;
         let g = self.googleapis;
+        let functions: Vec<String> = self.function.hosts().iter().map(|host| format!("{host}={f}")).collect();
         format!(
-            "{FUNCTION_HOST}={f},{RUN_HOST}={f},{CUSTOM_HOST}={f},oauth2.googleapis.com={g},sts.googleapis.com={g},iamcredentials.googleapis.com={g}"
+            "{},oauth2.googleapis.com={g},sts.googleapis.com={g},iamcredentials.googleapis.com={g}",
+            functions.join(",")
         )
     }
 

@@ -9,10 +9,14 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::Full;
-use support::wait_ready;
-use wiproxy_tests::client::Http;
+use support::{wait_ready, wait_unready};
+use wiproxy_tests::client::{https_send, Http, Reply};
+use wiproxy_tests::google::{KsaMapping, OAUTH_TOKEN_URI, SERVICE_ACCOUNT_KEY};
+use wiproxy_tests::jwt::Signer;
 use wiproxy_tests::sidecar::{binary, Sidecar};
 use wiproxy_tests::world::{World, FUNCTION_URL, GSA, IMPERSONATED_GSA, KEY_FILE_GSA, RUN_HOST};
+
+const READY: Duration = Duration::from_secs(15);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fake_metadata_server_keeps_the_gke_contract() {
@@ -44,10 +48,190 @@ async fn the_fake_metadata_server_keeps_the_gke_contract() {
     assert_eq!(claims["aud"], "https://x.example.com");
     let standard = get(format!("{base}?audience=a"), vec![flavor]).await;
     assert!(world.google.verifier().verify(&standard.text()).expect("signed").get("email").is_none());
-    *world.google.bound.lock().expect("lock") = None;
+    world.google.set_ksa(KsaMapping::Unannotated);
     assert_eq!(get(format!("{base}?audience=a"), vec![flavor]).await.status, StatusCode::NOT_FOUND);
-    let jwks = http.get(&format!("http://{}/oauth2/v3/certs", world.metadata)).await;
+    let jwks = get(format!("http://{}/oauth2/v3/certs", world.metadata), vec![flavor]).await;
     assert_eq!(jwks.status, StatusCode::NOT_FOUND, "the JWKS lives on the HTTPS side");
+}
+
+const SERVICE_ACCOUNTS: &str = "computeMetadata/v1/instance/service-accounts/default";
+
+async fn metadata_get(world: &World, path: &str, flavor: bool) -> Reply {
+    let mut request = Request::get(format!("http://{}/{path}", world.metadata));
+    if flavor {
+        request = request.header("metadata-flavor", "Google");
+    }
+    Http::new().send(request.body(Full::new(Bytes::new())).expect("request")).await.expect("answer")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metadata_refuses_every_path_without_the_flavor_header_and_the_sidecar_sends_it() {
+    let world = World::start().await;
+    for path in [
+        format!("{SERVICE_ACCOUNTS}/email"),
+        format!("{SERVICE_ACCOUNTS}/token"),
+        format!("{SERVICE_ACCOUNTS}/identity?audience=a"),
+        "computeMetadata/v1/".to_owned(),
+    ] {
+        let refused = metadata_get(&world, &path, false).await;
+        assert_eq!(refused.status, StatusCode::FORBIDDEN, "{path}");
+        assert_eq!(
+            refused.text(),
+            "GKE Metadata Server encountered an error: Missing required header \"Metadata-Flavor\": \"Google\"\n"
+        );
+        assert_eq!(refused.headers["content-type"], "text/plain; charset=utf-8");
+        assert!(refused.headers.get("metadata-flavor").is_none(), "{path}: a refusal carries no Metadata-Flavor");
+    }
+    let email = metadata_get(&world, &format!("{SERVICE_ACCOUNTS}/email"), true).await;
+    assert_eq!(email.status, StatusCode::OK);
+    assert_eq!(email.text(), GSA);
+    assert_eq!(email.headers["metadata-flavor"], "Google");
+    assert_eq!(email.headers["server"], "GKE Metadata Server");
+
+    // The sidecar sends the header on each call: metadata and impersonation (/token) alike.
+    let mut env = world.env(&format!("fn={FUNCTION_URL}"));
+    let sidecar = Sidecar::start(&env);
+    env.retain(|(k, _)| k != "WIPROXY_EXPECTED_SERVICE_ACCOUNT");
+    env.push(("WIPROXY_CREDENTIALS".into(), format!("impersonate:{IMPERSONATED_GSA}")));
+    let impersonating = Sidecar::start(&env);
+    let http = Http::new();
+    for sidecar in [&sidecar, &impersonating] {
+        assert_eq!(wait_ready(&http, sidecar, READY).await.status, StatusCode::OK, "{}", sidecar.log());
+        assert_eq!(http.get(&sidecar.url("/fn/x")).await.status, StatusCode::OK);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unannotated_ksa_gets_access_tokens_and_the_pool_as_email_but_no_identity_token() {
+    let world = World::start().await;
+    world.google.set_ksa(KsaMapping::Unannotated);
+    let email = metadata_get(&world, &format!("{SERVICE_ACCOUNTS}/email"), true).await;
+    assert_eq!(email.text(), "client-project.svc.id.goog");
+    let token = metadata_get(&world, &format!("{SERVICE_ACCOUNTS}/token"), true).await;
+    assert_eq!(token.status, StatusCode::OK, "real GKE hands the KSA a federated access token");
+    assert!(token.json()["access_token"].as_str().is_some_and(|t| t.starts_with("ya29.")));
+    let identity = metadata_get(&world, &format!("{SERVICE_ACCOUNTS}/identity?audience=a"), true).await;
+    assert_eq!(identity.status, StatusCode::NOT_FOUND);
+    assert!(identity.text().contains("not annotated with a target Google service account"), "{}", identity.text());
+
+    let sidecar = Sidecar::start(&world.env(&format!("fn={FUNCTION_URL}")));
+    let http = Http::new();
+    let readyz = wait_unready(&http, &sidecar, READY).await;
+    assert_eq!(readyz.status, StatusCode::SERVICE_UNAVAILABLE);
+    let reason = readyz.json()["upstreams"]["fn"]["reason"].as_str().unwrap_or_default().to_owned();
+    assert!(
+        reason.contains("404")
+            && reason.contains("payments/orders-client is not annotated with a target Google service account"),
+        "{}",
+        readyz.text()
+    );
+    let reply = http.get(&sidecar.url("/fn/x")).await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(world.function.requests(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_iam_binding_shows_gkes_message_in_readyz_and_in_every_503() {
+    let world = World::start().await;
+    world.google.set_ksa(KsaMapping::NoBinding(GSA.into()));
+    for path in [format!("{SERVICE_ACCOUNTS}/token"), format!("{SERVICE_ACCOUNTS}/identity?audience=a")] {
+        let refused = metadata_get(&world, &path, true).await;
+        assert_eq!(refused.status, StatusCode::FORBIDDEN, "{path}");
+        assert!(refused.text().starts_with(
+            "Unable to generate access token; IAM returned 403 Forbidden: The caller does not have permission\n"
+        ));
+    }
+    assert_eq!(metadata_get(&world, &format!("{SERVICE_ACCOUNTS}/email"), true).await.text(), GSA);
+
+    let sidecar = Sidecar::start(&world.env(&format!("fn={FUNCTION_URL}")));
+    let http = Http::new();
+    let readyz = wait_unready(&http, &sidecar, READY).await;
+    assert_eq!(readyz.status, StatusCode::SERVICE_UNAVAILABLE);
+    let reason = readyz.json()["upstreams"]["fn"]["reason"].as_str().unwrap_or_default().to_owned();
+    for words in [
+        "403",
+        "IAM returned 403 Forbidden: The caller does not have permission",
+        "missing IAM policy binding on the target IAM service account",
+        "https://cloud.google.com/kubernetes-engine/docs/how-to/workload-identity",
+    ] {
+        assert!(reason.contains(words), "{words:?} missing from {reason}");
+    }
+    for _ in 0..3 {
+        let reply = http.get(&sidecar.url("/fn/x")).await;
+        assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+        let reason = reply.json()["reason"].as_str().unwrap_or_default().to_owned();
+        assert!(reason.contains("missing IAM policy binding"), "{reason}");
+    }
+    assert_eq!(world.function.requests(), 0, "fail closed");
+
+    // A GSA that does not exist: IAM's 404, also a configuration error.
+    world.google.set_ksa(KsaMapping::MissingGsa(GSA.into()));
+    let sidecar = Sidecar::start(&world.env(&format!("fn={FUNCTION_URL}")));
+    let readyz = wait_unready(&http, &sidecar, READY).await;
+    assert!(readyz.text().contains("IAM returned 404 Not Found: Requested entity was not found."), "{}", readyz.text());
+}
+
+/// A JWT-bearer assertion signed with the fixture key, with `change` applied to its claims.
+fn assertion(change: serde_json::Value) -> String {
+    let key: serde_json::Value = serde_json::from_str(SERVICE_ACCOUNT_KEY).expect("fixture key");
+    let signer = Signer::from_pem(key["private_key"].as_str().unwrap_or_default(), "sa").expect("RSA key");
+    let iat = wiproxy_tests::jwt::now();
+    let mut claims = serde_json::json!({
+        "iss": KEY_FILE_GSA,
+        "sub": KEY_FILE_GSA,
+        "aud": OAUTH_TOKEN_URI,
+        "iat": iat,
+        "exp": iat + 3600,
+        "target_audience": "https://onprem.example.com",
+    });
+    for (name, value) in change.as_object().into_iter().flatten() {
+        claims[name] = value.clone();
+    }
+    signer.sign(&claims)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_oauth_endpoint_refuses_a_foreign_audience_and_an_assertion_longer_than_an_hour() {
+    let world = World::start().await;
+    let exchange = |assertion: String| {
+        let form =
+            url_form(&[("grant_type", "urn:ietf:params:oauth:grant-type:jwt-bearer"), ("assertion", &assertion)]);
+        let request = Request::post("/token")
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(Full::new(Bytes::from(form)))
+            .expect("request");
+        https_send(world.googleapis, "oauth2.googleapis.com", request, world.ca.client_config())
+    };
+    let accepted = exchange(assertion(serde_json::json!({}))).await.expect("answer");
+    assert_eq!(accepted.status, StatusCode::OK, "{}", accepted.text());
+    assert!(accepted.json()["id_token"].is_string());
+
+    let iat = wiproxy_tests::jwt::now();
+    let cases = [
+        (
+            serde_json::json!({"aud": "https://www.googleapis.com/oauth2/v4/token"}),
+            "Invalid JWT: Failed audience check.",
+        ),
+        (serde_json::json!({"aud": "https://onprem.example.com"}), "Invalid JWT: Failed audience check."),
+        (serde_json::json!({"exp": iat + 3601}), "Invalid JWT: Token must be a short-lived token (60 minutes)"),
+        (serde_json::json!({"iat": iat - 600, "exp": iat + 3600}), "Invalid JWT: Token must be a short-lived token"),
+        (serde_json::json!({"exp": iat - 1, "iat": iat - 100}), "Invalid JWT: Token must be a short-lived token"),
+        (serde_json::json!({"iat": iat + 3600, "exp": iat + 3700}), "Invalid JWT: Token must be a short-lived token"),
+    ];
+    for (change, words) in cases {
+        let refused = exchange(assertion(change.clone())).await.expect("answer");
+        assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{change}");
+        assert_eq!(refused.json()["error"], "invalid_grant", "{change}");
+        assert!(
+            refused.json()["error_description"].as_str().is_some_and(|d| d.starts_with(words)),
+            "{change}: {}",
+            refused.text()
+        );
+    }
+}
+
+fn url_form(pairs: &[(&str, &str)]) -> String {
+    url::form_urlencoded::Serializer::new(String::new()).extend_pairs(pairs).finish()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,9 +9,13 @@ use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::Full;
 use support::{metric, raw, wait_ready, wait_unready};
-use wiproxy_tests::client::Http;
+use wiproxy_tests::client::{https_send, Http, Reply};
+use wiproxy_tests::google::KsaMapping;
 use wiproxy_tests::sidecar::Sidecar;
-use wiproxy_tests::world::{self, World, CUSTOM_AUDIENCE, CUSTOM_HOST, FUNCTION_URL, GSA, RUN_HOST};
+use wiproxy_tests::world::{
+    self, World, CUSTOM_AUDIENCE, CUSTOM_HOST, FUNCTION_URL, GEN2_FUNCTION_URL, GEN2_RUN_HOST, GSA,
+    RUN_DETERMINISTIC_HOST, RUN_HOST,
+};
 
 const READY: Duration = Duration::from_secs(15);
 
@@ -223,7 +227,7 @@ async fn unbound_service_account_is_reported_in_readyz_and_never_forwarded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_for_another_service_account_is_never_used() {
     let world = World::start().await;
-    *world.google.bound.lock().expect("lock") = Some("someone-else@client-project.iam.gserviceaccount.com".into());
+    world.google.set_ksa(KsaMapping::Bound("someone-else@client-project.iam.gserviceaccount.com".into()));
     let sidecar = Sidecar::start(&world.env(&format!("fn={FUNCTION_URL}")));
     let http = Http::new();
     let readyz = wait_unready(&http, &sidecar, READY).await;
@@ -375,5 +379,125 @@ async fn a_function_url_longer_than_the_function_asks_for_the_functions_audience
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     assert_eq!(reply.json()["audience"], FUNCTION_URL);
     assert_eq!(reply.json()["path"], "/orders/v1/items", "the rest of the URL is a route inside the function");
+    sidecar.assert_log_free_of(&world.google.minted());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cloud_run_custom_audience_and_both_urls_of_a_gen2_function_work() {
+    let world = World::start().await;
+    let upstreams = format!(
+        "aud=https://{RUN_HOST};audience={CUSTOM_AUDIENCE},det=https://{RUN_DETERMINISTIC_HOST}/api,\
+         gen2-cf={GEN2_FUNCTION_URL},gen2-run=https://{GEN2_RUN_HOST}"
+    );
+    let sidecar = Sidecar::start(&world.env(&upstreams));
+    let http = Http::new();
+    assert_eq!(wait_ready(&http, &sidecar, READY).await.status, StatusCode::OK, "{}", sidecar.log());
+    let cases = [
+        ("/aud/x", CUSTOM_AUDIENCE.to_owned(), RUN_HOST, "/x"),
+        ("/det/x", format!("https://{RUN_DETERMINISTIC_HOST}"), RUN_DETERMINISTIC_HOST, "/api/x"),
+        ("/gen2-cf/x", GEN2_FUNCTION_URL.to_owned(), world::FUNCTION_HOST, "/invoices/x"),
+        ("/gen2-run/x", format!("https://{GEN2_RUN_HOST}"), GEN2_RUN_HOST, "/x"),
+    ];
+    for (path, audience, host, upstream_path) in cases {
+        let reply = http.get(&sidecar.url(path)).await;
+        assert_eq!(reply.status, StatusCode::OK, "{path}: {} {:?}", reply.text(), world.function.refusals());
+        let echo = reply.json();
+        assert_eq!(echo["audience"], audience.as_str(), "{path}");
+        assert_eq!(echo["host"], host, "{path}");
+        assert_eq!(echo["path"], upstream_path, "{path}");
+    }
+    assert!(world.function.refusals().is_empty(), "{:?}", world.function.refusals());
+    sidecar.assert_log_free_of(&world.google.minted());
+}
+
+/// A direct call to the fake front end, with `token` in `header` (if any).
+async fn direct(world: &World, host: &str, path: &str, header: &str, token: Option<&str>) -> Reply {
+    let mut request = Request::get(path);
+    if let Some(token) = token {
+        request = request.header(header, format!("Bearer {token}"));
+    }
+    let request = request.body(Full::new(Bytes::new())).expect("request");
+    https_send(world.function_addr, host, request, world.ca.client_config()).await.expect("answer")
+}
+
+fn assert_forbidden(reply: &Reply, path: &str) {
+    assert_eq!(reply.status, StatusCode::FORBIDDEN, "{}", reply.text());
+    assert!(reply.headers.get("www-authenticate").is_none(), "Google sends no challenge with its 403");
+    assert!(reply.text().contains("<title>403 Forbidden</title>"), "{}", reply.text());
+    assert!(reply.text().contains("<h1>Error: Forbidden</h1>"));
+    let words = format!("Your client does not have permission to get URL <code>{path}</code> from this server.");
+    assert!(reply.text().contains(&words), "{}", reply.text());
+}
+
+fn assert_unauthorized(reply: &Reply, path: &str) {
+    assert_eq!(reply.status, StatusCode::UNAUTHORIZED, "{}", reply.text());
+    assert_eq!(
+        reply.headers["www-authenticate"],
+        "Bearer error=\"invalid_token\" error_description=\"The access token could not be verified\""
+    );
+    assert!(reply.text().contains("<h1>Error: Unauthorized</h1>"), "{}", reply.text());
+    let words = format!("Your client does not have permission to the requested URL <code>{path}</code>.");
+    assert!(reply.text().contains(&words), "{}", reply.text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_front_end_refuses_as_google_does() {
+    let world = World::start().await;
+    let host = world::FUNCTION_HOST;
+    let path = "/orders/v1/items";
+    let valid = world.google.mint(FUNCTION_URL, GSA, true);
+    assert_eq!(direct(&world, host, path, "authorization", Some(&valid)).await.status, StatusCode::OK);
+
+    // No token, and a valid token of a caller without the invoker role: 403, no challenge.
+    assert_forbidden(&direct(&world, host, path, "authorization", None).await, path);
+    let stranger = world.google.mint(FUNCTION_URL, "stranger@client-project.iam.gserviceaccount.com", true);
+    assert_forbidden(&direct(&world, host, path, "authorization", Some(&stranger)).await, path);
+
+    // A token the front end cannot verify: 401 with the Bearer invalid_token challenge.
+    let other_function = world.google.mint(GEN2_FUNCTION_URL, GSA, true);
+    assert_unauthorized(&direct(&world, host, path, "authorization", Some(&other_function)).await, path);
+    let host_only = world.google.mint(&format!("https://{host}"), GSA, true);
+    assert_unauthorized(&direct(&world, host, path, "authorization", Some(&host_only)).await, path);
+    let forged = format!("{}AAAA", valid.trim_end_matches(|c| c != '.'));
+    assert_unauthorized(&direct(&world, host, path, "authorization", Some(&forged)).await, path);
+    world.google.lifetime_secs.store(0, Ordering::SeqCst);
+    let expired = world.google.mint(FUNCTION_URL, GSA, true);
+    assert_unauthorized(&direct(&world, host, path, "authorization", Some(&expired)).await, path);
+    // The path in the page is escaped, as HTML.
+    assert_forbidden(&direct(&world, host, "/orders/a%3Cb", "authorization", None).await, "/orders/a%3Cb");
+
+    let refusals = world.function.refusals();
+    assert_eq!(refusals.len(), 7, "{refusals:?}");
+    assert!(refusals[4].contains("invalid signature") && refusals[5] == "token expired", "{refusals:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x_serverless_authorization_counts_on_run_app_only() {
+    let world = World::start().await;
+    let run = world.google.mint(&format!("https://{RUN_HOST}"), GSA, true);
+    let reply = direct(&world, RUN_HOST, "/list", "x-serverless-authorization", Some(&run)).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.json()["token_header"], "x-serverless-authorization");
+    // The gen2 function: on its run.app URL the header counts; on its cloudfunctions.net URL
+    // only Authorization does, so the same token there is no token at all.
+    let gen2 = world.google.mint(GEN2_FUNCTION_URL, GSA, true);
+    let reply = direct(&world, GEN2_RUN_HOST, "/x", "x-serverless-authorization", Some(&gen2)).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_forbidden(
+        &direct(&world, world::FUNCTION_HOST, "/invoices/x", "x-serverless-authorization", Some(&gen2)).await,
+        "/invoices/x",
+    );
+    assert_eq!(
+        direct(&world, world::FUNCTION_HOST, "/invoices/x", "authorization", Some(&gen2)).await.status,
+        StatusCode::OK
+    );
+
+    // Through the sidecar: the header chosen for a cloudfunctions.net URL is refused by its front end.
+    let mut env = world.env(&format!("fn={FUNCTION_URL}"));
+    env.push(("WIPROXY_TOKEN_HEADER".into(), "x-serverless-authorization".into()));
+    let sidecar = Sidecar::start(&env);
+    let http = Http::new();
+    assert_eq!(wait_ready(&http, &sidecar, READY).await.status, StatusCode::OK);
+    assert_eq!(http.get(&sidecar.url("/fn/x")).await.status, StatusCode::FORBIDDEN);
     sidecar.assert_log_free_of(&world.google.minted());
 }

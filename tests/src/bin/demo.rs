@@ -141,8 +141,9 @@ async fn demo() -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow!("direct call failed: {e}"))?;
     println!("  {} {}", direct.status.as_u16(), direct.status.canonical_reason().unwrap_or(""));
-    if direct.status.as_u16() != 401 {
-        bail!("the function should refuse a call without a token");
+    // Google's front end answers a call without a token 403, as to a caller without the role.
+    if direct.status.as_u16() != 403 {
+        bail!("the function should refuse a call without a token with 403");
     }
 
     step(&format!("The same call through the sidecar: GET $WIPROXY_ORDERS_URL/v1/orders ({orders_url}/v1/orders)"));
