@@ -81,11 +81,11 @@ env -i "${fakes_env[@]}" \
   WIPROXY_UPSTREAMS="bench=https://bench.example.com" \
   WIPROXY_RESOLVE="bench.example.com=127.0.0.1:18443" \
   WIPROXY_EXTRA_CA_FILE="$work/ca.pem" \
-  WIPROXY_LISTEN=127.0.0.1:15080 WIPROXY_ADMIN_LISTEN=127.0.0.1:15090 WIPROXY_LOG=warn \
+  WIPROXY_LISTEN=127.0.0.1:15080 WIPROXY_ADMIN_LISTEN=127.0.0.1:15081 WIPROXY_LOG=warn \
   "$target/release/wiproxy" > "$work/wiproxy.log" 2>&1 &
 sidecar=$!
 pids+=("$sidecar")
-for _ in $(seq 100); do curl -sf http://127.0.0.1:15090/readyz >/dev/null 2>&1 && break; sleep 0.1; done
+for _ in $(seq 100); do curl -sf http://127.0.0.1:15081/readyz >/dev/null 2>&1 && break; sleep 0.1; done
 curl -sf http://127.0.0.1:15080/bench/ >/dev/null || { echo "the sidecar does not answer"; cat "$work/wiproxy.log"; exit 1; }
 curl -sf http://127.0.0.1:18080/ >/dev/null || { echo "nginx does not answer"; cat "$work/nginx-error.log"; exit 1; }
 
@@ -112,7 +112,7 @@ done
 ratio=$(awk -v w="${total[wiproxy]}" -v n="${total[nginx]}" 'BEGIN {printf "%.2f", w/n}')
 peak=$(awk '/VmHWM/ {print $2}' "/proc/$sidecar/status")
 size=$(stat -c %s "$target/release/wiproxy")
-fetches=$(curl -s http://127.0.0.1:15090/metrics | awk '/^wiproxy_token_fetches_total/ {s+=$2} END {print s+0}')
+fetches=$(curl -s http://127.0.0.1:15081/metrics | awk '/^wiproxy_token_fetches_total/ {s+=$2} END {print s+0}')
 echo
 echo "throughput wiproxy/nginx: $ratio (sum of both rounds)"
 echo "wiproxy peak RSS: $((peak / 1024)) MiB; binary: $((size / 1024)) KiB; token fetches during the run: $fetches"

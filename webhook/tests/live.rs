@@ -469,7 +469,7 @@ fn the_node_store_keeps_the_kubelet_version_only() {
     let kept = serde_json::to_value(&stored).expect("serializes");
     assert_eq!(
         kept,
-        json!({"metadata": {"name": "pool-a-1", "resourceVersion": "7"}, "status": {"nodeInfo": {
+        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "pool-a-1", "resourceVersion": "7"}, "status": {"nodeInfo": {
             "architecture": "", "bootID": "", "containerRuntimeVersion": "", "kernelVersion": "", "kubeProxyVersion": "",
             "kubeletVersion": "v1.30.5", "machineID": "", "operatingSystem": "", "osImage": "", "systemUUID": ""}}})
     );

@@ -114,7 +114,7 @@ async fn demo() -> anyhow::Result<()> {
         ("GCE_METADATA_HOST".to_owned(), world.metadata.to_string()),
         ("WIPROXY_EXTRA_CA_FILE".to_owned(), world.ca_file.display().to_string()),
         ("WIPROXY_RESOLVE".to_owned(), world.resolve()),
-        // Loopback instead of 0.0.0.0:15090: no need to open the admin port to the network here.
+        // Loopback instead of 0.0.0.0:15081: no need to open the admin port to the network here.
         ("WIPROXY_ADMIN_LISTEN".to_owned(), format!("127.0.0.1:{}", free_port())),
         ("WIPROXY_LOG_FORMAT".to_owned(), "text".to_owned()),
     ];
