@@ -5,7 +5,7 @@ pub mod logging;
 pub mod serve;
 mod upstream;
 
-pub use upstream::{parse_upstreams, TokenHeader, Upstream, UpstreamError};
+pub use upstream::{parse_upstreams, TokenHeader, Upstream, UpstreamError, MAX_UPSTREAMS};
 
 /// Pod label that asks for injection; only the value `"true"` counts.
 pub const INJECT_LABEL: &str = "wiproxy.io/inject";

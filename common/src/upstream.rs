@@ -97,12 +97,22 @@ pub enum UpstreamError {
     EmptyAudience { name: String },
     #[error("upstream {name:?}: header {value:?} is not supported: use {}", TokenHeader::VALUES)]
     BadHeader { name: String, value: String },
+    #[error("more than {max} upstreams: split the workload, or call the others through one upstream with a shared prefix")]
+    TooMany { max: usize },
 }
+
+/// Most upstreams one pod may have: each costs a token fetch at start and an environment
+/// variable in every container.
+pub const MAX_UPSTREAMS: usize = 32;
 
 /// Parses an upstream list. Entries are separated by newlines or commas; blank entries are ignored.
 pub fn parse_upstreams(list: &str) -> Result<Vec<Upstream>, UpstreamError> {
     let mut upstreams: Vec<Upstream> = Vec::new();
-    for entry in list.split(['\n', ',']).map(str::trim).filter(|e| !e.is_empty()) {
+    for (index, entry) in list.split(['\n', ',']).map(str::trim).filter(|e| !e.is_empty()).enumerate() {
+        // Counted before parsing, so an oversized list costs no more than 32 entries' work.
+        if index == MAX_UPSTREAMS {
+            return Err(UpstreamError::TooMany { max: MAX_UPSTREAMS });
+        }
         let upstream = parse_entry(entry)?;
         if upstreams.iter().any(|u| u.name == upstream.name) {
             return Err(UpstreamError::DuplicateName { name: upstream.name });
@@ -292,7 +302,10 @@ mod tests {
             ("a=https://x.example.com;audience=".into(), "audience is empty"),
             ("a=https://x.example.com;header=bearer".into(), "is not supported"),
             ("a=https://x.example.com;audience=a;audience=b".into(), "given twice"),
+            ((0..33).map(|i| format!("u{i}=https://x.example.com")).collect::<Vec<_>>().join(","), "more than 32 upstreams"),
         ];
+        let most = (0..32).map(|i| format!("u{i}=https://x.example.com/{i}")).collect::<Vec<_>>().join("\n");
+        assert_eq!(parse_upstreams(&most).expect("32 upstreams").len(), 32);
         for (list, expected) in cases {
             let err = parse_upstreams(&list).expect_err(&list).to_string();
             assert!(err.contains(expected), "{list:?}: {err}");
