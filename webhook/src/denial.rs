@@ -31,6 +31,8 @@ pub enum Denial {
         "container {container:?} listens on {port}, the sidecar's admin port: move that container to another port"
     )]
     AdminPortClash { port: u16, container: String },
+    #[error("annotation {UPSTREAMS_ANNOTATION}: upstream {upstream:?} has listen={port}, which is {taken_by}: give it another listen=PORT")]
+    ListenPortClash { upstream: String, port: u16, taken_by: String },
     #[error("annotation {TOKEN_HEADER_ANNOTATION}: {value:?} is not supported: use authorization or x-serverless-authorization")]
     BadTokenHeader { value: String },
     #[error("annotation {NATIVE_SIDECAR_ANNOTATION}: {value:?} is not a boolean: write \"true\" or \"false\"")]
@@ -76,7 +78,7 @@ impl Denial {
             Self::Upstreams(_) => "bad_upstreams",
             Self::TooLong { .. } => "annotation_too_long",
             Self::BadPort { .. } | Self::AdminPort { .. } => "bad_port",
-            Self::PortClash { .. } | Self::AdminPortClash { .. } => "port_clash",
+            Self::PortClash { .. } | Self::AdminPortClash { .. } | Self::ListenPortClash { .. } => "port_clash",
             Self::BadTokenHeader { .. } => "bad_token_header",
             Self::BadNativeSidecar { .. } => "bad_native_sidecar",
             Self::BadServiceAccount { .. } | Self::BadKsaServiceAccount { .. } => "bad_service_account",

@@ -184,6 +184,7 @@ pub fn inject(pod: &Pod, inputs: &Inputs) -> Result<Outcome, Denial> {
 
     let settings = read_settings(&annotations, inputs.sidecar.native)?;
     check_ports(spec, settings.port)?;
+    crate::listen_ports::check(spec, settings.port, &settings.upstreams)?;
 
     let namespace = inputs.namespace;
     let namespace_labels = inputs.cluster.namespace_labels(namespace);
@@ -369,6 +370,7 @@ fn add_app_env(spec: &PodSpec, settings: &Settings, patch: &mut Vec<PatchOperati
     for upstream in &settings.upstreams {
         wanted.push((env::upstream_url(&upstream.name), format!("{base}/{}", upstream.name)));
     }
+    wanted.extend(crate::listen_ports::app_env(&settings.upstreams));
 
     let lists =
         [("initContainers", spec.init_containers.as_deref().unwrap_or_default()), ("containers", &spec.containers)];
