@@ -450,7 +450,7 @@ mod tests {
     fn locations_under_an_upstream_come_back_to_the_sidecar() {
         let routes = routes();
         let index = |name: &str| routes.iter().position(|r| r.name == name).expect("route");
-        let cases: [(&str, &str, Via, Option<&str>, Option<&str>); 12] = [
+        let cases = [
             // Path prefix: absolute and root-relative, the address the app dialled kept.
             (
                 "orders",
