@@ -477,4 +477,20 @@ mod tests {
         let names: Vec<_> = headers.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["x-kept"]);
     }
+
+    #[test]
+    fn te_trailers_is_kept_for_grpc() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("TE, HTTP2-Settings, Upgrade"));
+        headers.insert(header::TE, HeaderValue::from_static("trailers, deflate;q=0.5"));
+        headers.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+        headers.insert("http2-settings", HeaderValue::from_static("AAMAAABkAARAAAAAAAIAAAAA"));
+        strip_hop_by_hop(&mut headers, false);
+        assert_eq!(headers.len(), 1, "{headers:?}");
+        assert_eq!(headers[header::TE], "trailers");
+        let mut gzip_only = HeaderMap::new();
+        gzip_only.insert(header::TE, HeaderValue::from_static("gzip"));
+        strip_hop_by_hop(&mut gzip_only, false);
+        assert!(gzip_only.is_empty());
+    }
 }
