@@ -6,6 +6,10 @@ TOOLS        := .tools
 VENV         := $(TOOLS)/venv
 KUBE_VALIDATE := $(VENV)/bin/kubernetes-validate
 CHECK_JSONSCHEMA := $(VENV)/bin/check-jsonschema
+# The interop suite's third-party clients and servers, pinned.
+INTEROP_PYTHON := hypercorn==0.18.0 h2==4.4.1 httpx[http2]==0.28.1 grpcio==1.85.1 websockets==17.4 \
+                  requests==2.34.2 cryptography==50.0.2
+INTEROP_MARK := $(VENV)/.interop-$(shell echo '$(INTEROP_PYTHON)' | sha256sum | cut -c1-12)
 # Oldest Kubernetes with native sidecars on by default, and the newest kubernetes-validate ships.
 KUBE_OLDEST  := 1.29.0
 # Cargo's target directory, as cargo itself resolves it (CARGO_TARGET_DIR, .cargo/config.toml, ...).
@@ -32,7 +36,7 @@ SOURCE       ?= https://github.com/wiproxy/wiproxy
 REPOSITORY   ?= ghcr.io/wiproxy
 
 .PHONY: all build release demo test lint boundaries unit validate-manifests chart-test bench image image-test push \
-        check-links shellcheck check-workflows deny e2e-gke e2e-gke-args e2e-gke-test push-args clean
+        check-links shellcheck check-workflows deny e2e-gke e2e-gke-args e2e-gke-test push-args interop clean
 
 all: build
 
@@ -53,7 +57,7 @@ demo: build
 	@$(DEBUG)/wiproxy-demo
 
 # Static checks first (seconds), then the Rust tests, manifests, chart and images.
-test: check-links shellcheck check-workflows deny e2e-gke-test lint unit validate-manifests chart-test image-test
+test: check-links shellcheck check-workflows deny e2e-gke-test lint unit interop validate-manifests chart-test image-test
 
 lint: boundaries
 	$(CARGO) fmt --all -- --check
@@ -77,6 +81,17 @@ boundaries:
 # The end-to-end tests run the built binaries as separate processes.
 unit: build
 	$(CARGO) test --locked --workspace
+
+$(INTEROP_MARK): $(KUBE_VALIDATE)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check $(INTEROP_PYTHON)
+	touch $@
+
+# Real third-party clients (requests, httpx, grpcio, websockets, Node fetch, curl, nghttp, h2load)
+# through the built sidecar to real upstreams (hypercorn, nginx, grpcio, websockets) over TLS on
+# loopback, each verifying the ID token; h2load runs INTEROP_REQUESTS requests per burst.
+INTEROP_REQUESTS ?= 2000
+interop: build $(INTEROP_MARK)
+	$(VENV)/bin/python tests/interop/run.py $(DEBUG) --requests $(INTEROP_REQUESTS)
 
 # Every relative link in the repository's Markdown resolves to a file (and heading) inside it.
 check-links:

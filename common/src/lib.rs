@@ -9,7 +9,7 @@ pub use upstream::{parse_upstreams, TokenHeader, Upstream, UpstreamError, MAX_UP
 
 /// Pod label that asks for injection; only the value `"true"` counts.
 pub const INJECT_LABEL: &str = "wiproxy.io/inject";
-/// Pod annotation with the upstreams, `NAME=URL[;audience=AUD][;header=HEADER]`, one per line or comma-separated.
+/// Pod annotation with the upstreams, `NAME=URL[;audience=AUD][;header=HEADER][;listen=PORT]`, one per line or comma-separated.
 pub const UPSTREAMS_ANNOTATION: &str = "wiproxy.io/upstreams";
 /// Pod annotation with the Google service account (GSA) email the pod acts as.
 pub const SERVICE_ACCOUNT_ANNOTATION: &str = "wiproxy.io/service-account";
@@ -67,6 +67,11 @@ pub mod env {
     pub fn upstream_url(name: &str) -> String {
         format!("WIPROXY_{}_URL", name.to_ascii_uppercase().replace('-', "_"))
     }
+
+    /// `WIPROXY_<NAME>_ADDR` (`127.0.0.1:PORT`) for an upstream with its own `listen=PORT`.
+    pub fn upstream_addr(name: &str) -> String {
+        format!("WIPROXY_{}_ADDR", name.to_ascii_uppercase().replace('-', "_"))
+    }
 }
 
 /// An error with its chain of causes, `outer: cause: root cause`, for messages that must say
@@ -109,6 +114,7 @@ mod tests {
     fn upstream_env_names() {
         assert_eq!(env::upstream_url("orders"), "WIPROXY_ORDERS_URL");
         assert_eq!(env::upstream_url("orders-v2"), "WIPROXY_ORDERS_V2_URL");
+        assert_eq!(env::upstream_addr("grpc-api"), "WIPROXY_GRPC_API_ADDR");
     }
 
     #[test]

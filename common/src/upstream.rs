@@ -1,4 +1,5 @@
-//! The upstream grammar: `NAME=URL[;audience=AUD][;header=HEADER]`, entries one per line or comma-separated.
+//! The upstream grammar: `NAME=URL[;audience=AUD][;header=HEADER][;listen=PORT]`, entries one per line or
+//! comma-separated.
 
 use std::fmt;
 use url::Url;
@@ -53,6 +54,9 @@ pub struct Upstream {
     pub audience_explicit: bool,
     /// Header for this upstream's token, when it overrides the pod-wide choice.
     pub header: Option<TokenHeader>,
+    /// A dedicated loopback port for this upstream alone (`;listen=PORT`): every path on it goes
+    /// to this upstream, for clients that cannot put a prefix in the path (gRPC).
+    pub listen: Option<u16>,
 }
 
 impl Upstream {
@@ -66,6 +70,9 @@ impl Upstream {
         if let Some(header) = self.header {
             entry.push_str(";header=");
             entry.push_str(header.as_str());
+        }
+        if let Some(port) = self.listen {
+            entry.push_str(&format!(";listen={port}"));
         }
         entry
     }
@@ -89,7 +96,9 @@ pub enum UpstreamError {
     NotHttps { name: String, url: String },
     #[error("upstream {name:?}: URL {url:?} carries user info: remove the 'user@' part")]
     UserInfo { name: String, url: String },
-    #[error("upstream {name:?}: unknown option {option:?}: the options are audience=AUD and header=HEADER")]
+    #[error(
+        "upstream {name:?}: unknown option {option:?}: the options are audience=AUD, header=HEADER and listen=PORT"
+    )]
     UnknownOption { name: String, option: String },
     #[error("upstream {name:?}: option {option:?} is given twice: keep one")]
     RepeatedOption { name: String, option: &'static str },
@@ -97,8 +106,14 @@ pub enum UpstreamError {
     EmptyAudience { name: String },
     #[error("upstream {name:?}: header {value:?} is not supported: use {}", TokenHeader::VALUES)]
     BadHeader { name: String, value: String },
-    #[error("more than {max} upstreams: split the workload, or call the others through one upstream with a shared prefix")]
+    #[error(
+        "more than {max} upstreams: split the workload, or call the others through one upstream with a shared prefix"
+    )]
     TooMany { max: usize },
+    #[error("upstream {name:?}: listen={value:?} is not a port from 1024 to 65535: give a free unprivileged port such as listen=15082 (the sidecar runs as a non-root user)")]
+    BadListen { name: String, value: String },
+    #[error("upstreams {first:?} and {second:?} both listen on port {port}: give each its own listen=PORT")]
+    SharedListen { first: String, second: String, port: u16 },
 }
 
 /// Most upstreams one pod may have: each costs a token fetch at start and an environment
@@ -116,6 +131,11 @@ pub fn parse_upstreams(list: &str) -> Result<Vec<Upstream>, UpstreamError> {
         let upstream = parse_entry(entry)?;
         if upstreams.iter().any(|u| u.name == upstream.name) {
             return Err(UpstreamError::DuplicateName { name: upstream.name });
+        }
+        if let Some(port) = upstream.listen {
+            if let Some(other) = upstreams.iter().find(|u| u.listen == Some(port)) {
+                return Err(UpstreamError::SharedListen { first: other.name.clone(), second: upstream.name, port });
+            }
         }
         upstreams.push(upstream);
     }
@@ -136,6 +156,7 @@ fn parse_entry(entry: &str) -> Result<Upstream, UpstreamError> {
 
     let mut audience = None;
     let mut header = None;
+    let mut listen = None;
     for option in parts.map(str::trim).filter(|o| !o.is_empty()) {
         let (key, value) = option.split_once('=').unwrap_or((option, ""));
         let value = value.trim();
@@ -158,6 +179,14 @@ fn parse_entry(entry: &str) -> Result<Upstream, UpstreamError> {
                         .ok_or_else(|| UpstreamError::BadHeader { name: name.clone(), value: value.to_owned() })?,
                 );
             }
+            "listen" => {
+                if listen.is_some() {
+                    return Err(UpstreamError::RepeatedOption { name, option: "listen" });
+                }
+                let port = value.parse::<u16>().ok().filter(|port| *port >= 1024);
+                listen =
+                    Some(port.ok_or_else(|| UpstreamError::BadListen { name: name.clone(), value: value.to_owned() })?);
+            }
             _ => {
                 return Err(UpstreamError::UnknownOption { name, option: option.to_owned() });
             }
@@ -166,7 +195,7 @@ fn parse_entry(entry: &str) -> Result<Upstream, UpstreamError> {
 
     let audience_explicit = audience.is_some();
     let audience = audience.unwrap_or_else(|| default_audience(&url, &parsed));
-    Ok(Upstream { name, url, parsed, audience, audience_explicit, header })
+    Ok(Upstream { name, url, parsed, audience, audience_explicit, header, listen })
 }
 
 fn check_name(name: &str) -> Result<(), UpstreamError> {
@@ -261,8 +290,9 @@ mod tests {
 
     #[test]
     fn options() {
-        let upstream =
-            one(" orders = https://h.a.run.app/x ; audience=custom-aud ; header=X-Serverless-Authorization ");
+        let upstream = one(
+            " orders = https://h.a.run.app/x ; audience=custom-aud ; header=X-Serverless-Authorization ; listen=15081 ",
+        );
         assert_eq!(upstream.name, "orders");
         assert_eq!(upstream.url, "https://h.a.run.app/x");
         assert_eq!(upstream.audience, "custom-aud");
@@ -270,8 +300,10 @@ mod tests {
         assert_eq!(upstream.header, Some(TokenHeader::XServerlessAuthorization));
         assert_eq!(
             upstream.to_entry(),
-            "orders=https://h.a.run.app/x;audience=custom-aud;header=x-serverless-authorization"
+            "orders=https://h.a.run.app/x;audience=custom-aud;header=x-serverless-authorization;listen=15081"
         );
+        assert_eq!(upstream.listen, Some(15081));
+        assert_eq!(one("a=https://a.example.com").listen, None);
     }
 
     #[test]
@@ -302,7 +334,18 @@ mod tests {
             ("a=https://x.example.com;audience=".into(), "audience is empty"),
             ("a=https://x.example.com;header=bearer".into(), "is not supported"),
             ("a=https://x.example.com;audience=a;audience=b".into(), "given twice"),
-            ((0..33).map(|i| format!("u{i}=https://x.example.com")).collect::<Vec<_>>().join(","), "more than 32 upstreams"),
+            (
+                (0..33).map(|i| format!("u{i}=https://x.example.com")).collect::<Vec<_>>().join(","),
+                "more than 32 upstreams",
+            ),
+            ("a=https://x.example.com;listen=80".into(), "not a port from 1024"),
+            ("a=https://x.example.com;listen=grpc".into(), "not a port from 1024"),
+            ("a=https://x.example.com;listen=70000".into(), "not a port from 1024"),
+            ("a=https://x.example.com;listen=15081;listen=15082".into(), "given twice"),
+            (
+                "a=https://x.example.com;listen=15081,b=https://y.example.com;listen=15081".into(),
+                "both listen on port 15081",
+            ),
         ];
         let most = (0..32).map(|i| format!("u{i}=https://x.example.com/{i}")).collect::<Vec<_>>().join("\n");
         assert_eq!(parse_upstreams(&most).expect("32 upstreams").len(), 32);

@@ -38,25 +38,39 @@ use crate::token::Token;
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error("cannot listen on {addr} ({what}): {error}")]
-    Listen { addr: std::net::SocketAddr, what: &'static str, error: std::io::Error },
+    Listen { addr: std::net::SocketAddr, what: String, error: std::io::Error },
 }
 
 /// Runs the proxy and the admin server until `shutdown` turns true.
 pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), RunError> {
     let metrics = Arc::new(Metrics::default());
     let clients = Clients::new(config.tls, config.pins);
-    let routes = Routes::new(&config.upstreams, config.token_header);
+    let routes = Routes::new(&config.upstreams, config.token_header, config.listen);
     let source = Arc::new(CredentialSource { credentials: config.credentials.clone(), clients: clients.clone() });
     let audiences = routes.iter().map(|r| r.audience.clone());
     let cache = TokenCache::start(audiences, source, config.expected_service_account.clone(), metrics.clone());
 
-    let listen = |addr, what| async move {
+    let listen = |addr, what: String| async move {
         TcpListener::bind(addr).await.map_err(|error| RunError::Listen { addr, what, error })
     };
-    let proxy_listener = listen(config.listen, "WIPROXY_LISTEN").await?;
-    let admin_listener = listen(config.admin_listen, "WIPROXY_ADMIN_LISTEN").await?;
+    let proxy_listener = listen(config.listen, "WIPROXY_LISTEN".into()).await?;
+    let admin_listener = listen(config.admin_listen, "WIPROXY_ADMIN_LISTEN".into()).await?;
+    // Each upstream with `listen=PORT` gets its own port, on the proxy's address.
+    let mut port_listeners = Vec::new();
+    for (index, route) in routes.iter().enumerate() {
+        if let Some(port) = route.listen {
+            let addr = std::net::SocketAddr::new(config.listen.ip(), port);
+            let what = format!("listen={port} of upstream {:?} in WIPROXY_UPSTREAMS", route.name);
+            port_listeners.push((index, listen(addr, what).await?));
+        }
+    }
     info!(
         listen = %config.listen,
+        ports = port_listeners
+            .iter()
+            .map(|(index, l)| format!("{}={}", routes.get(*index).name, l.local_addr().map(|a| a.to_string()).unwrap_or_default()))
+            .collect::<Vec<_>>()
+            .join(","),
         admin = %config.admin_listen,
         credentials = %config.credentials.describe(),
         upstreams = routes.iter().map(|r| r.name.as_str()).collect::<Vec<_>>().join(","),
@@ -72,16 +86,25 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
         upstream_timeout: config.upstream_timeout,
     });
     let admin = Arc::new(Admin { routes, cache, metrics });
-    let admin_task = tokio::spawn(serve(admin_listener, shutdown.clone(), move |request| {
+    let mut tasks = vec![tokio::spawn(serve(admin_listener, shutdown.clone(), move |request| {
         let admin = admin.clone();
         async move { admin.handle(request).await }
-    }));
+    }))];
+    for (index, listener) in port_listeners {
+        let proxy = proxy.clone();
+        tasks.push(tokio::spawn(serve(listener, shutdown.clone(), move |request| {
+            let proxy = proxy.clone();
+            async move { proxy.handle_port(index, request).await }
+        })));
+    }
     serve(proxy_listener, shutdown, move |request| {
         let proxy = proxy.clone();
         async move { proxy.handle(request).await }
     })
     .await;
-    let _ = admin_task.await;
+    for task in tasks {
+        let _ = task.await;
+    }
     Ok(())
 }
 

@@ -1,24 +1,26 @@
 //! Forwarding: one request in on loopback, the same request out over HTTPS with the upstream's
 //! token. Fails closed: no token, no call.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Limited};
-use hyper::body::{Body as _, Incoming};
+use hyper::body::{Body as _, Frame, Incoming, SizeHint};
 use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tracing::{debug, info, warn};
 use wiproxy_common::TokenHeader;
 
-use crate::body::{empty, full, json_response, Body, BoxError};
+use crate::body::{empty, full, is_grpc, Body, BoxError, Failure};
 use crate::cache::TokenCache;
 use crate::http::Clients;
 use crate::metrics::Metrics;
-use crate::routes::{Destination, Route, Routes};
+use crate::routes::{Destination, Route, Routes, Via};
 use crate::token::Token;
 
 /// Bodies up to this size are kept so the request can be sent again after an upstream 401;
@@ -41,7 +43,15 @@ pub struct Proxy {
 
 /// Connection-level headers that are never forwarded (RFC 9110 §7.6.1), plus any the
 /// `Connection` header names. Upgrade requests keep `Connection`/`Upgrade` (`keep_upgrade`).
+/// `TE: trailers` is kept: gRPC servers refuse a call without it, and it is the one `TE` value
+/// HTTP/2 allows.
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.split(';').next().unwrap_or_default().trim().eq_ignore_ascii_case("trailers"));
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -64,6 +74,10 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
     headers.remove("keep-alive");
     headers.remove("proxy-connection");
+    headers.remove("http2-settings");
+    if trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
     if keep_upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     } else {
@@ -72,9 +86,18 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
+/// Whether a request asks to switch protocols. `Upgrade: h2c` is not passed on: the upstream
+/// connection is TLS, where h2 comes by ALPN, and a tunnel would carry the app's next requests
+/// to the upstream with no token; such a request is answered over HTTP/1.1 (RFC 9113 §3.1 lets a
+/// server ignore it).
 fn is_upgrade(request: &Request<Incoming>) -> bool {
+    let protocols = request.headers().get_all(header::UPGRADE).iter().filter_map(|v| v.to_str().ok());
+    let wanted = protocols.flat_map(|v| v.split(',')).any(|p| {
+        let p = p.trim();
+        !p.is_empty() && !p.eq_ignore_ascii_case("h2c")
+    });
     request.version() == Version::HTTP_11
-        && request.headers().contains_key(header::UPGRADE)
+        && wanted
         && request
             .headers()
             .get_all(header::CONNECTION)
@@ -103,31 +126,59 @@ fn set_token(headers: &mut HeaderMap, mode: TokenHeader, token: &Token) -> Resul
     Ok(())
 }
 
-/// The outbound body: kept in memory when small enough to send twice, else streamed once.
+/// The outbound body: kept in memory (with its trailers) when small enough to send twice, else
+/// streamed once.
 enum OutBody {
-    Replayable(Bytes),
+    Replayable(Bytes, Option<HeaderMap>),
     Streaming(Incoming),
 }
 
+/// How many times a request the upstream never processed (streams above a GOAWAY's
+/// last-stream-id, `REFUSED_STREAM`) is sent again on a new connection.
+const UNPROCESSED_RETRIES: u32 = 3;
+
 impl Proxy {
+    /// A request on the proxy port.
     pub async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<Body> {
+        let destination = self.routes.resolve(request.method(), request.version(), request.uri());
+        self.answer(destination, request).await
+    }
+
+    /// A request on upstream `index`'s own port (`listen=PORT`).
+    pub async fn handle_port(self: Arc<Self>, index: usize, request: Request<Incoming>) -> Response<Body> {
+        let destination = self.routes.dedicated(index, request.method(), request.uri());
+        self.answer(destination, request).await
+    }
+
+    async fn answer(
+        &self,
+        destination: Result<Destination, crate::routes::Refusal>,
+        request: Request<Incoming>,
+    ) -> Response<Body> {
         let started = Instant::now();
-        let (method, uri) = (request.method().clone(), request.uri().clone());
-        let (name, response) = match self.routes.resolve(&method, request.version(), &uri) {
+        let (method, path) = (request.method().clone(), request.uri().path().to_owned());
+        let grpc = is_grpc(request.headers());
+        let (name, answered) = match destination {
             Err(refusal) => {
-                debug!(%method, path = uri.path(), status = refusal.status.as_u16(), "refused");
-                (None, json_response(refusal.status, json!({"error": refusal.message})))
+                info!(%method, path, status = refusal.status.as_u16(), reason = %refusal.message, "refused");
+                (None, Err(Failure::new(refusal.status, json!({"error": refusal.message}))))
             }
             Ok(Destination::Token { index }) => {
                 let route = self.routes.get(index);
                 (Some(route.name.clone()), self.token(route).await)
             }
-            Ok(Destination::Upstream { index, uri: target }) => {
+            Ok(Destination::Upstream { index, uri: target, via }) => {
                 let route = self.routes.get(index).clone();
-                let response = self.forward(&route, target, request).await;
-                (Some(route.name), response)
+                let dialled = request.headers().get(header::HOST).and_then(|v| v.to_str().ok()).map(str::to_owned);
+                let dialled = dialled.or_else(|| request.uri().authority().map(|a| a.to_string()));
+                let answered = self.forward(&route, target, request).await.map(|mut response| {
+                    self.rewrite_location(&mut response, index, via, dialled.as_deref());
+                    response
+                });
+                (Some(route.name), answered)
             }
         };
+        let response = answered.unwrap_or_else(|failure| failure.into_response(grpc));
         let status = response.status().as_u16();
         let upstream = name.as_deref().unwrap_or("-");
         self.metrics.request(upstream, status);
@@ -135,41 +186,51 @@ impl Proxy {
         response
     }
 
-    async fn token(&self, route: &Route) -> Response<Body> {
-        match self.cache.get(&route.audience, self.token_wait).await {
-            Ok(token) => {
-                let mut response = Response::new(full(token.secret().to_owned()));
-                response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-                response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-                response
+    fn rewrite_location(&self, response: &mut Response<Body>, index: usize, via: Via, dialled: Option<&str>) {
+        let Some(location) = response.headers().get(header::LOCATION).and_then(|v| v.to_str().ok()) else {
+            return;
+        };
+        if let Some(rewritten) = self.routes.rewrite_location(location, index, via, dialled) {
+            if let Ok(value) = HeaderValue::from_str(&rewritten) {
+                response.headers_mut().insert(header::LOCATION, value);
             }
-            Err(e) => no_token(route, &e.0),
         }
     }
 
-    async fn forward(&self, route: &Route, target: http::Uri, mut request: Request<Incoming>) -> Response<Body> {
+    async fn token(&self, route: &Route) -> Result<Response<Body>, Failure> {
+        let token = self.cache.get(&route.audience, self.token_wait).await.map_err(|e| no_token(route, &e.0))?;
+        let mut response = Response::new(full(token.secret().to_owned()));
+        response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        Ok(response)
+    }
+
+    async fn forward(
+        &self,
+        route: &Route,
+        target: http::Uri,
+        mut request: Request<Incoming>,
+    ) -> Result<Response<Body>, Failure> {
         let upgrade = is_upgrade(&request);
         let inbound_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
-        let token = match self.cache.get(&route.audience, self.token_wait).await {
-            Ok(token) => token,
-            Err(e) => return no_token(route, &e.0),
-        };
+        let mut token = self.cache.get(&route.audience, self.token_wait).await.map_err(|e| no_token(route, &e.0))?;
         let (mut parts, body) = request.into_parts();
         strip_hop_by_hop(&mut parts.headers, upgrade);
         parts.headers.remove(header::HOST);
         parts.uri = target;
         parts.version = Version::HTTP_11;
 
-        let mut body = if upgrade {
-            OutBody::Replayable(Bytes::new())
-        } else if body.size_hint().upper().is_some_and(|upper| upper <= REPLAYABLE_BODY) {
+        let mut body = if body.size_hint().upper().is_some_and(|upper| upper <= REPLAYABLE_BODY) {
             match Limited::new(body, REPLAYABLE_BODY as usize).collect().await {
-                Ok(collected) => OutBody::Replayable(collected.to_bytes()),
+                Ok(collected) => {
+                    let trailers = collected.trailers().cloned();
+                    OutBody::Replayable(collected.to_bytes(), trailers)
+                }
                 Err(e) => {
-                    return json_response(
+                    return Err(Failure::new(
                         StatusCode::BAD_REQUEST,
                         json!({"error": format!("cannot read the request body: {e}"), "upstream": route.name}),
-                    )
+                    ))
                 }
             }
         } else {
@@ -177,20 +238,24 @@ impl Proxy {
         };
 
         let client = if upgrade { &self.clients.http1 } else { &self.clients.any };
-        let mut token = token;
-        let mut retried = false;
+        let mut refused_once = false;
+        let mut unprocessed = 0;
         loop {
             let mut headers = parts.headers.clone();
             if let Err(status) = set_token(&mut headers, route.header, &token) {
-                return json_response(
+                return Err(Failure::new(
                     status,
                     json!({"error": "the token is not a valid header value", "upstream": route.name}),
-                );
+                ));
             }
-            let (out_body, replay) = match std::mem::replace(&mut body, OutBody::Replayable(Bytes::new())) {
-                OutBody::Replayable(bytes) => {
-                    body = OutBody::Replayable(bytes.clone());
-                    (if upgrade { empty() } else { full(bytes) }, true)
+            let (out_body, replay) = match std::mem::replace(&mut body, OutBody::Replayable(Bytes::new(), None)) {
+                OutBody::Replayable(bytes, trailers) => {
+                    body = OutBody::Replayable(bytes.clone(), trailers.clone());
+                    let out = match trailers {
+                        Some(trailers) => full(bytes).with_trailers(async move { Some(Ok(trailers)) }).boxed(),
+                        None => full(bytes),
+                    };
+                    (out, true)
                 }
                 OutBody::Streaming(incoming) => (incoming.map_err(BoxError::from).boxed(), false),
             };
@@ -204,25 +269,30 @@ impl Proxy {
             let answered = match self.upstream_timeout {
                 Some(limit) => match tokio::time::timeout(limit, sent).await {
                     Ok(answered) => answered,
-                    Err(_) => return upstream_timeout(route, limit),
+                    Err(_) => return Err(upstream_timeout(route, limit)),
                 },
                 None => sent.await,
             };
             let response = match answered {
                 Ok(response) => response,
-                Err(e) => return upstream_error(route, &e),
+                Err(e) if replay && unprocessed < UNPROCESSED_RETRIES && never_processed(&e) => {
+                    unprocessed += 1;
+                    debug!(upstream = %route.name, error = %wiproxy_common::error_chain(&e), "the upstream did not process the request; sending it again");
+                    continue;
+                }
+                Err(e) => return Err(upstream_error(route, &e)),
             };
             if response.status() == StatusCode::UNAUTHORIZED && is_token_refusal(response.headers()) {
                 let refetching = self.cache.reject(&route.audience, &token);
-                if refetching && replay && !retried && !upgrade {
-                    retried = true;
+                if refetching && replay && !refused_once && !upgrade {
+                    refused_once = true;
                     debug!(upstream = %route.name, "the front end refused the token; retrying with a new one");
                     match self.cache.get(&route.audience, self.token_wait).await {
                         Ok(fresh) => {
                             token = fresh;
                             continue;
                         }
-                        Err(_) => return respond(response),
+                        Err(_) => return Ok(respond(response)),
                     }
                 }
                 info!(upstream = %route.name, "the front end refused the token; answered as is");
@@ -231,12 +301,29 @@ impl Proxy {
             }
             if response.status() == StatusCode::SWITCHING_PROTOCOLS {
                 if let Some(inbound) = inbound_upgrade {
-                    return switch_protocols(route, response, inbound);
+                    return Ok(switch_protocols(route, response, inbound));
                 }
             }
-            return respond(response);
+            return Ok(respond(response));
         }
     }
+}
+
+/// Whether the upstream never processed the request, so it may be sent again whatever its
+/// method: an HTTP/2 stream above the last-stream-id of a graceful GOAWAY (nginx's
+/// `keepalive_requests`, a server shutting down), or one reset with `REFUSED_STREAM`
+/// (RFC 9113 §8.7). A GOAWAY with an error code is not enough: it fails lower streams too.
+fn never_processed(error: &hyper_util::client::legacy::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if let Some(h2) = cause.downcast_ref::<h2::Error>() {
+            return h2.is_remote()
+                && ((h2.is_go_away() && h2.reason() == Some(h2::Reason::NO_ERROR))
+                    || (h2.is_reset() && h2.reason() == Some(h2::Reason::REFUSED_STREAM)));
+        }
+        source = cause.source();
+    }
+    false
 }
 
 /// Whether a 401 is Google's front end refusing the ID token, rather than the app's own 401.
@@ -256,7 +343,60 @@ fn is_token_refusal(headers: &HeaderMap) -> bool {
 fn respond(response: Response<Incoming>) -> Response<Body> {
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
-    Response::from_parts(parts, body.map_err(BoxError::from).boxed())
+    Response::from_parts(parts, ReadToEnd(Some(body)).boxed())
+}
+
+/// The most a dropped response body is read on to reach its end, and for how long.
+const DRAIN_BYTES: usize = 64 * 1024;
+const DRAIN_TIME: Duration = Duration::from_secs(5);
+
+/// An upstream's response body, read to its end even when the app's side stops early. The app's
+/// HTTP/1.1 connection stops at `Content-Length`, but an HTTP/2 upstream may send END_STREAM in a
+/// later, empty DATA frame (hypercorn and the h2 library do); dropping the stream before it comes
+/// makes the h2 client reset it with CANCEL, and enough resets close the whole connection
+/// ("locally-reset streams reached limit"). A body dropped before its end is read on in the
+/// background, within `DRAIN_BYTES` and `DRAIN_TIME`; past those the reset is the right answer.
+struct ReadToEnd(Option<Incoming>);
+
+impl hyper::body::Body for ReadToEnd {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let Some(inner) = self.0.as_mut() else { return Poll::Ready(None) };
+        let polled = Pin::new(inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None) | Poll::Ready(Some(Err(_)))) {
+            self.0 = None;
+        }
+        polled.map_err(BoxError::from)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.as_ref().is_none_or(|inner| inner.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.0.as_ref().map(|inner| inner.size_hint()).unwrap_or_else(|| SizeHint::with_exact(0))
+    }
+}
+
+impl Drop for ReadToEnd {
+    fn drop(&mut self) {
+        let Some(mut inner) = self.0.take().filter(|inner| !inner.is_end_stream()) else { return };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        runtime.spawn(async move {
+            let drained = async {
+                let mut read = 0;
+                while let Some(Ok(frame)) = inner.frame().await {
+                    read += frame.data_ref().map_or(0, Bytes::len);
+                    if read > DRAIN_BYTES {
+                        return;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(DRAIN_TIME, drained).await;
+        });
+    }
 }
 
 /// Joins the app's connection and the upstream's once both have switched protocols.
@@ -283,22 +423,23 @@ fn switch_protocols(
     Response::from_parts(parts, empty())
 }
 
-fn no_token(route: &Route, reason: &str) -> Response<Body> {
-    json_response(
+fn no_token(route: &Route, reason: &str) -> Failure {
+    info!(upstream = %route.name, reason, "refused: no token");
+    Failure::new(
         StatusCode::SERVICE_UNAVAILABLE,
         json!({"error": "no token for this upstream; the request was not sent", "upstream": route.name, "reason": reason}),
     )
 }
 
-fn upstream_timeout(route: &Route, limit: Duration) -> Response<Body> {
+fn upstream_timeout(route: &Route, limit: Duration) -> Failure {
     warn!(upstream = %route.name, seconds = limit.as_secs(), "upstream timed out");
-    json_response(
+    Failure::new(
         StatusCode::GATEWAY_TIMEOUT,
         json!({"error": "the upstream did not answer in time", "upstream": route.name, "reason": format!("no response within {} s (WIPROXY_UPSTREAM_TIMEOUT)", limit.as_secs())}),
     )
 }
 
-fn upstream_error(route: &Route, error: &hyper_util::client::legacy::Error) -> Response<Body> {
+fn upstream_error(route: &Route, error: &hyper_util::client::legacy::Error) -> Failure {
     let timed_out = {
         let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(error);
         let mut found = false;
@@ -313,7 +454,7 @@ fn upstream_error(route: &Route, error: &hyper_util::client::legacy::Error) -> R
     let status = if timed_out { StatusCode::GATEWAY_TIMEOUT } else { StatusCode::BAD_GATEWAY };
     let reason = wiproxy_common::error_chain(error);
     warn!(upstream = %route.name, status = status.as_u16(), error = %reason, "upstream unreachable");
-    json_response(
+    Failure::new(
         status,
         json!({"error": "the upstream could not be reached", "upstream": route.name, "reason": reason}),
     )
@@ -335,5 +476,21 @@ mod tests {
         strip_hop_by_hop(&mut headers, false);
         let names: Vec<_> = headers.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["x-kept"]);
+    }
+
+    #[test]
+    fn te_trailers_is_kept_for_grpc() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("TE, HTTP2-Settings, Upgrade"));
+        headers.insert(header::TE, HeaderValue::from_static("trailers, deflate;q=0.5"));
+        headers.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+        headers.insert("http2-settings", HeaderValue::from_static("AAMAAABkAARAAAAAAAIAAAAA"));
+        strip_hop_by_hop(&mut headers, false);
+        assert_eq!(headers.len(), 1, "{headers:?}");
+        assert_eq!(headers[header::TE], "trailers");
+        let mut gzip_only = HeaderMap::new();
+        gzip_only.insert(header::TE, HeaderValue::from_static("gzip"));
+        strip_hop_by_hop(&mut gzip_only, false);
+        assert!(gzip_only.is_empty());
     }
 }

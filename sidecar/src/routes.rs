@@ -1,6 +1,11 @@
 //! Which upstream a request is for, and the URL it goes to. Origin-form requests name the
-//! upstream in their first path segment (`/orders/v1/items`); absolute-form requests (an app
-//! with `HTTP_PROXY` set) must lie under a configured upstream URL. Nothing else is forwarded.
+//! upstream in their first path segment (`/orders/v1/items`); on an upstream's own port
+//! (`listen=PORT`) every path is that upstream's; absolute-form requests (an app with
+//! `HTTP_PROXY` set) must lie under a configured upstream URL, unless they are aimed at the
+//! sidecar itself. Nothing else is forwarded. Redirects into an upstream are written back to the
+//! sidecar's address the same way.
+
+use std::net::{IpAddr, SocketAddr};
 
 use http::{Method, StatusCode, Uri, Version};
 use wiproxy_common::{TokenHeader, Upstream};
@@ -14,7 +19,9 @@ pub struct Route {
     pub name: String,
     pub audience: String,
     pub header: TokenHeader,
-    /// `https://host[:port]`, as written in the URL (host lower-cased).
+    /// The upstream's own loopback port, when it has one.
+    pub listen: Option<u16>,
+    /// `host[:port]`, as written in the URL (host lower-cased, the default port dropped).
     authority: String,
     host: String,
     port: Option<u16>,
@@ -26,8 +33,8 @@ pub struct Route {
 /// Where a request goes.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Destination {
-    /// Forward to `uri` with the token of route `index`.
-    Upstream { index: usize, uri: Uri },
+    /// Forward to `uri` with the token of route `index`; `via` is how the app addressed it.
+    Upstream { index: usize, uri: Uri, via: Via },
     /// `GET /_wiproxy/token?upstream=NAME`.
     Token { index: usize },
 }
@@ -39,6 +46,17 @@ pub struct Refusal {
     pub message: String,
 }
 
+/// How the app addressed an upstream, which is how a redirect into it is written back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// `/<name>/…` on the proxy port.
+    Prefix,
+    /// The upstream's own port (`listen=PORT`).
+    Port,
+    /// Absolute form, `GET http://host/path` (`HTTP_PROXY`).
+    Proxy,
+}
+
 fn refuse(status: StatusCode, message: impl Into<String>) -> Refusal {
     Refusal { status, message: message.into() }
 }
@@ -46,10 +64,13 @@ fn refuse(status: StatusCode, message: impl Into<String>) -> Refusal {
 #[derive(Debug, Clone)]
 pub struct Routes {
     routes: Vec<Route>,
+    /// The proxy's own listen address: an absolute-form request aimed at it (or at an upstream's
+    /// own port) is an ordinary request, not a proxy request.
+    listen: SocketAddr,
 }
 
 impl Routes {
-    pub fn new(upstreams: &[Upstream], default_header: TokenHeader) -> Self {
+    pub fn new(upstreams: &[Upstream], default_header: TokenHeader, listen: SocketAddr) -> Self {
         let routes = upstreams
             .iter()
             .map(|u| {
@@ -63,6 +84,7 @@ impl Routes {
                     name: u.name.clone(),
                     audience: u.audience.clone(),
                     header: u.header.unwrap_or(default_header),
+                    listen: u.listen,
                     authority,
                     host,
                     port,
@@ -71,7 +93,7 @@ impl Routes {
                 }
             })
             .collect();
-        Self { routes }
+        Self { routes, listen }
     }
 
     pub fn get(&self, index: usize) -> &Route {
@@ -86,8 +108,30 @@ impl Routes {
         self.routes.iter().map(|r| format!("/{}", r.name)).collect::<Vec<_>>().join(", ")
     }
 
-    /// Routes a request. HTTP/2 requests always carry an authority (`:authority`), so only an
-    /// HTTP/1 request with an absolute URI is a proxy request.
+    fn prefixes(&self) -> String {
+        self.routes.iter().map(|r| format!("https://{}{}/", r.authority, r.base_path)).collect::<Vec<_>>().join(", ")
+    }
+
+    /// The sidecar's own port that `host:port` names, if it names one: the proxy port (`None`
+    /// inside) or an upstream's own port (`Some(index)`).
+    fn own_port(&self, host: &str, port: Option<u16>) -> Option<Option<usize>> {
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let ours = host.eq_ignore_ascii_case("localhost")
+            || host
+                .parse::<IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback() || ip == self.listen.ip() || self.listen.ip().is_unspecified());
+        let port = port?;
+        if !ours {
+            return None;
+        }
+        if port == self.listen.port() {
+            return Some(None);
+        }
+        self.routes.iter().position(|r| r.listen == Some(port)).map(Some)
+    }
+
+    /// Routes a request that came to the proxy port. HTTP/2 requests always carry an authority
+    /// (`:authority`), so only an HTTP/1 request with an absolute URI is a proxy request.
     pub fn resolve(&self, method: &Method, version: Version, uri: &Uri) -> Result<Destination, Refusal> {
         if method == Method::CONNECT {
             return Err(refuse(
@@ -96,7 +140,11 @@ impl Routes {
             ));
         }
         if uri.authority().is_some() && version < Version::HTTP_2 {
-            return self.absolute(uri);
+            match self.own_port(uri.host().unwrap_or_default(), uri.port_u16()) {
+                None => return self.absolute(uri),
+                Some(Some(index)) => return self.dedicated(index, method, uri),
+                Some(None) => {}
+            }
         }
         let path = uri.path();
         if path == TOKEN_PATH {
@@ -116,7 +164,23 @@ impl Routes {
         check_dot_segments(rest)?;
         let route = &self.routes[index];
         let path = format!("{}{rest}", route.base_path);
-        Ok(Destination::Upstream { index, uri: target(route, &path, uri.query())? })
+        Ok(Destination::Upstream { index, uri: target(route, &path, uri.query())?, via: Via::Prefix })
+    }
+
+    /// Routes a request that came to upstream `index`'s own port: every path is the upstream's,
+    /// appended to its URL's path (for a URL without a path, the path as it came).
+    pub fn dedicated(&self, index: usize, method: &Method, uri: &Uri) -> Result<Destination, Refusal> {
+        let route = &self.routes[index];
+        if method == Method::CONNECT {
+            return Err(refuse(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("CONNECT is not supported: this port forwards every request to {} with a token; send the requests themselves", route.name),
+            ));
+        }
+        let rest = uri.path();
+        check_dot_segments(rest)?;
+        let path = format!("{}{rest}", route.base_path);
+        Ok(Destination::Upstream { index, uri: target(route, &path, uri.query())?, via: Via::Port })
     }
 
     fn token(&self, method: &Method, uri: &Uri) -> Result<Destination, Refusal> {
@@ -140,28 +204,80 @@ impl Routes {
     /// upstream URL on a path-segment boundary; the longest such URL wins.
     fn absolute(&self, uri: &Uri) -> Result<Destination, Refusal> {
         let host = uri.host().unwrap_or_default().to_ascii_lowercase();
-        let port = uri.port_u16();
         let path = uri.path();
-        let best = self
-            .routes
-            .iter()
-            .enumerate()
-            .filter(|(_, r)| r.host == host && (port.is_none() || port == r.port))
-            .filter(|(_, r)| {
-                path.strip_prefix(r.base_path.as_str()).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
-            })
-            .max_by_key(|(_, r)| r.base_path.len());
-        let Some((index, route)) = best else {
+        let Some(index) = self.under(&host, uri.port_u16(), path) else {
             return Err(refuse(
                 StatusCode::FORBIDDEN,
                 format!(
-                    "{uri} is not under a configured upstream: only {} may be called through this proxy",
-                    self.names()
+                    "{uri} is not under a configured upstream: only URLs under {} may be called through this proxy",
+                    self.prefixes()
                 ),
             ));
         };
+        let route = &self.routes[index];
         check_dot_segments(&path[route.base_path.len()..])?;
-        Ok(Destination::Upstream { index, uri: target(route, path, uri.query())? })
+        Ok(Destination::Upstream { index, uri: target(route, path, uri.query())?, via: Via::Proxy })
+    }
+
+    /// The route whose URL `https://host[:port]/path` lies under on a path-segment boundary; the
+    /// longest such URL wins. An explicit `:443` is the default port.
+    fn under(&self, host: &str, port: Option<u16>, path: &str) -> Option<usize> {
+        let port = port.filter(|port| *port != 443);
+        self.routes
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.host == host && port == r.port)
+            .filter(|(_, r)| {
+                path.strip_prefix(r.base_path.as_str()).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+            })
+            .max_by_key(|(_, r)| r.base_path.len())
+            .map(|(index, _)| index)
+    }
+
+    /// A `Location` from upstream `index`, written back to the sidecar when it points under a
+    /// configured upstream (as nginx's `proxy_redirect default` does), so the app's client
+    /// follows the redirect through the sidecar and keeps its token. `dialled` is the
+    /// `Host` the app sent. A root-relative `Location` outside every upstream is made absolute
+    /// on the upstream's origin, where it resolves. `None`: leave the header as it is.
+    pub fn rewrite_location(&self, location: &str, index: usize, via: Via, dialled: Option<&str>) -> Option<String> {
+        let from = &self.routes[index];
+        let absolute = if location.starts_with("//") {
+            format!("https:{location}")
+        } else if location.starts_with('/') {
+            format!("https://{}{location}", from.authority)
+        } else {
+            location.to_owned()
+        };
+        let url = url::Url::parse(&absolute).ok()?;
+        let host = url.host_str().unwrap_or_default().to_ascii_lowercase();
+        let matched = (url.scheme() == "https").then(|| self.under(&host, url.port(), url.path())).flatten();
+        let Some(to) = matched else {
+            let root_relative = location.starts_with('/') && !location.starts_with("//");
+            return (root_relative && via != Via::Proxy).then_some(absolute);
+        };
+        let route = &self.routes[to];
+        let rest = &url.path()[route.base_path.len()..];
+        let tail = match (url.query(), url.fragment()) {
+            (Some(q), Some(f)) => format!("?{q}#{f}"),
+            (Some(q), None) => format!("?{q}"),
+            (None, Some(f)) => format!("#{f}"),
+            (None, None) => String::new(),
+        };
+        let own = |port: u16| match self.listen.ip() {
+            ip if ip.is_unspecified() => SocketAddr::from(([127, 0, 0, 1], port)).to_string(),
+            ip => SocketAddr::new(ip, port).to_string(),
+        };
+        let dialled = |expected: Via, port: u16| match dialled {
+            Some(dialled) if via == expected => dialled.to_owned(),
+            _ => own(port),
+        };
+        Some(match (via, route.listen) {
+            (Via::Proxy, _) => format!("http://{}{}{tail}", route.authority, url.path()),
+            (Via::Port, Some(port)) if to == index => {
+                format!("http://{}{}{tail}", dialled(Via::Port, port), if rest.is_empty() { "/" } else { rest })
+            }
+            _ => format!("http://{}/{}{rest}{tail}", dialled(Via::Prefix, self.listen.port()), route.name),
+        })
     }
 }
 
@@ -207,16 +323,19 @@ mod tests {
     fn routes() -> Routes {
         let upstreams = parse_upstreams(
             "orders=https://fn.example.com/orders,root=https://run.example.com,\
-             deep=https://fn.example.com/orders/v2;header=x-serverless-authorization,q=https://q.example.com/api?key=1",
+             deep=https://fn.example.com/orders/v2;header=x-serverless-authorization,q=https://q.example.com/api?key=1,\
+             grpc=https://grpc.example.com;listen=15081,fnport=https://fn.example.com/orders/v3;listen=15082",
         )
         .expect("valid");
-        Routes::new(&upstreams, TokenHeader::Authorization)
+        Routes::new(&upstreams, TokenHeader::Authorization, LISTEN.parse().expect("address"))
     }
+
+    const LISTEN: &str = "127.0.0.1:15080";
 
     fn resolve(method: Method, uri: &str) -> Result<(String, String), StatusCode> {
         let routes = routes();
         match routes.resolve(&method, Version::HTTP_11, &uri.parse().expect("uri")) {
-            Ok(Destination::Upstream { index, uri }) => Ok((routes.get(index).name.clone(), uri.to_string())),
+            Ok(Destination::Upstream { index, uri, .. }) => Ok((routes.get(index).name.clone(), uri.to_string())),
             Ok(Destination::Token { index }) => Ok((routes.get(index).name.clone(), "token".into())),
             Err(refusal) => Err(refusal.status),
         }
@@ -265,11 +384,18 @@ mod tests {
         ok("http://FN.example.com/orders/v1?x=1", "orders", "https://fn.example.com/orders/v1?x=1");
         ok("http://fn.example.com/orders/v2/items", "deep", "https://fn.example.com/orders/v2/items");
         ok("http://run.example.com/anything", "root", "https://run.example.com/anything");
+        // An explicit default port is the same origin.
+        ok("http://fn.example.com:443/orders/x", "orders", "https://fn.example.com/orders/x");
+        // Aimed at the sidecar itself (HTTP_PROXY set as well as the injected base URL): a path request.
+        ok("http://127.0.0.1:15080/orders/x?y=1", "orders", "https://fn.example.com/orders/x?y=1");
+        ok("http://localhost:15080/root/a", "root", "https://run.example.com/a");
+        ok("http://127.0.0.1:15081/any/path", "grpc", "https://grpc.example.com/any/path");
         for refused in [
             "http://fn.example.com/orders-admin",
             "http://fn.example.com/",
             "http://evil.example.com/orders",
             "http://fn.example.com:8080/orders",
+            "http://127.0.0.1:9999/orders",
         ] {
             assert_eq!(resolve(Method::GET, refused), Err(StatusCode::FORBIDDEN), "{refused}");
         }
@@ -281,10 +407,97 @@ mod tests {
     fn http2_requests_route_by_path() {
         let routes = routes();
         let uri: Uri = "http://127.0.0.1:15080/orders/x".parse().expect("uri");
-        let Ok(Destination::Upstream { index, uri }) = routes.resolve(&Method::GET, Version::HTTP_2, &uri) else {
+        let Ok(Destination::Upstream { index, uri, .. }) = routes.resolve(&Method::GET, Version::HTTP_2, &uri) else {
             panic!("an h2 request names its upstream in the path");
         };
         assert_eq!(routes.get(index).name, "orders");
         assert_eq!(uri.to_string(), "https://fn.example.com/orders/x");
+    }
+
+    #[test]
+    fn the_proxy_mode_refusal_lists_url_prefixes() {
+        let refusal = routes()
+            .resolve(&Method::GET, Version::HTTP_11, &"http://evil.example.com/x".parse().expect("uri"))
+            .expect_err("refused");
+        assert!(
+            refusal.message.contains("https://fn.example.com/orders/, https://run.example.com/"),
+            "{}",
+            refusal.message
+        );
+        assert!(!refusal.message.contains("/orders,"), "{}", refusal.message);
+    }
+
+    #[test]
+    fn dedicated_ports_forward_every_path() {
+        let routes = routes();
+        let to = |index: usize, uri: &str| match routes.dedicated(index, &Method::POST, &uri.parse().expect("uri")) {
+            Ok(Destination::Upstream { uri, via: Via::Port, .. }) => Ok(uri.to_string()),
+            Ok(other) => panic!("{other:?}"),
+            Err(refusal) => Err(refusal.status),
+        };
+        let grpc = routes.iter().position(|r| r.name == "grpc").expect("grpc");
+        let fnport = routes.iter().position(|r| r.name == "fnport").expect("fnport");
+        assert_eq!(to(grpc, "/pkg.Service/Method"), Ok("https://grpc.example.com/pkg.Service/Method".into()));
+        assert_eq!(
+            to(grpc, "/_wiproxy/token?upstream=grpc"),
+            Ok("https://grpc.example.com/_wiproxy/token?upstream=grpc".into())
+        );
+        assert_eq!(to(fnport, "/items?a=1"), Ok("https://fn.example.com/orders/v3/items?a=1".into()));
+        assert_eq!(to(fnport, "/../x"), Err(StatusCode::BAD_REQUEST));
+    }
+
+    #[test]
+    fn locations_under_an_upstream_come_back_to_the_sidecar() {
+        let routes = routes();
+        let index = |name: &str| routes.iter().position(|r| r.name == name).expect("route");
+        let cases = [
+            // Path prefix: absolute and root-relative, the address the app dialled kept.
+            (
+                "orders",
+                "https://fn.example.com/orders/next?p=2",
+                Via::Prefix,
+                Some("localhost:15080"),
+                Some("http://localhost:15080/orders/next?p=2"),
+            ),
+            (
+                "orders",
+                "/orders/login#top",
+                Via::Prefix,
+                Some("127.0.0.1:15080"),
+                Some("http://127.0.0.1:15080/orders/login#top"),
+            ),
+            (
+                "orders",
+                "https://fn.example.com:443/orders/v2/x",
+                Via::Prefix,
+                None,
+                Some("http://127.0.0.1:15080/deep/x"),
+            ),
+            ("root", "https://fn.example.com/orders", Via::Prefix, None, Some("http://127.0.0.1:15080/orders")),
+            // Outside every upstream: absolute ones stay, root-relative ones get the upstream's origin.
+            ("orders", "https://accounts.google.com/signin", Via::Prefix, None, None),
+            ("orders", "/login", Via::Prefix, None, Some("https://fn.example.com/login")),
+            ("orders", "http://fn.example.com/orders/x", Via::Prefix, None, None),
+            ("orders", "next", Via::Prefix, None, None),
+            // Dedicated port: its own upstream stays on its port; another goes by prefix.
+            ("grpc", "/other", Via::Port, Some("127.0.0.1:15081"), Some("http://127.0.0.1:15081/other")),
+            ("fnport", "https://fn.example.com/orders/v3", Via::Port, None, Some("http://127.0.0.1:15082/")),
+            (
+                "grpc",
+                "https://run.example.com/a",
+                Via::Port,
+                Some("127.0.0.1:15081"),
+                Some("http://127.0.0.1:15080/root/a"),
+            ),
+            // Proxy mode: the same URL, back through the proxy.
+            ("orders", "https://fn.example.com/orders/x", Via::Proxy, None, Some("http://fn.example.com/orders/x")),
+        ];
+        for (from, location, via, dialled, expected) in cases {
+            assert_eq!(
+                routes.rewrite_location(location, index(from), via, dialled).as_deref(),
+                expected,
+                "{from} {location} {via:?}"
+            );
+        }
     }
 }

@@ -274,6 +274,14 @@ async fn handle(State(function): State<Arc<Function>>, request: Request) -> Resp
         return (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, "Basic realm=\"orders\"")], "login required\n")
             .into_response();
     }
+    if path.ends_with("/redirect-to") {
+        // `?location=URL`: a redirect to wherever the test says.
+        let location = url::form_urlencoded::parse(request.uri().query().unwrap_or_default().as_bytes())
+            .find(|(key, _)| key == "location")
+            .map(|(_, value)| value.into_owned())
+            .unwrap_or_default();
+        return (StatusCode::FOUND, [(header::LOCATION, location)]).into_response();
+    }
     if path.ends_with("/redirect") {
         return (StatusCode::FOUND, [(header::LOCATION, "https://accounts.google.com/signin")]).into_response();
     }

@@ -32,6 +32,8 @@ pub enum Denial {
     Windows { field: &'static str },
     #[error("{field} keeps the pod off the nodes labelled {GKE_METADATA_NODE_LABEL}=true{}, the only nodes where the GKE metadata server hands out Workload Identity tokens: remove that constraint, or the label {INJECT_LABEL}", if .value.is_empty() { String::new() } else { format!(" (it asks for {:?})", .value) })]
     MetadataServerExcluded { field: &'static str, value: String },
+    #[error("annotation {UPSTREAMS_ANNOTATION}: upstream {upstream:?} has listen={port}, which is {taken_by}: give it another listen=PORT")]
+    ListenPortClash { upstream: String, port: u16, taken_by: String },
     #[error("annotation {TOKEN_HEADER_ANNOTATION}: {value:?} is not supported: use authorization or x-serverless-authorization")]
     BadTokenHeader { value: String },
     #[error("annotation {NATIVE_SIDECAR_ANNOTATION}: {value:?} is not a boolean: write \"true\" or \"false\"")]
@@ -82,7 +84,7 @@ impl Denial {
             Self::Upstreams(_) => "bad_upstreams",
             Self::TooLong { .. } => "annotation_too_long",
             Self::BadPort { .. } => "bad_port",
-            Self::PortClash { .. } | Self::SamePorts { .. } => "port_clash",
+            Self::PortClash { .. } | Self::SamePorts { .. } | Self::ListenPortClash { .. } => "port_clash",
             Self::Windows { .. } | Self::MetadataServerExcluded { .. } => "node_placement",
             Self::BadTokenHeader { .. } => "bad_token_header",
             Self::BadNativeSidecar { .. } => "bad_native_sidecar",

@@ -234,6 +234,7 @@ pub fn inject(pod: &Pod, inputs: &Inputs) -> Result<Outcome, Denial> {
     let namespace_labels = inputs.cluster.namespace_labels(namespace);
     let meshes = mesh::detect(pod, &namespace_labels);
     check_ports(spec, &settings, &meshes)?;
+    crate::listen_ports::check(spec, settings.port, settings.admin_port, &meshes, &settings.upstreams)?;
     let selecting = inputs.policies.selecting(&namespace_labels);
     let ksa = service_account_name(spec);
 
@@ -521,6 +522,7 @@ fn add_app_env(spec: &PodSpec, settings: &Settings, patch: &mut Vec<PatchOperati
     for upstream in &settings.upstreams {
         wanted.push((env::upstream_url(&upstream.name), format!("{base}/{}", upstream.name)));
     }
+    wanted.extend(crate::listen_ports::app_env(&settings.upstreams));
 
     let lists =
         [("initContainers", spec.init_containers.as_deref().unwrap_or_default()), ("containers", &spec.containers)];

@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod config;
 pub mod denial;
 pub mod inject;
+pub mod listen_ports;
 pub mod mesh;
 pub mod metrics;
 pub mod policy;
