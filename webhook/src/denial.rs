@@ -2,8 +2,8 @@
 
 use wiproxy_common::{
     UpstreamError, ADMIN_PORT_ANNOTATION, GKE_METADATA_NODE_LABEL, GKE_SERVICE_ACCOUNT_ANNOTATION, INJECT_LABEL,
-    NATIVE_SIDECAR_ANNOTATION, PORT_ANNOTATION, SERVICE_ACCOUNT_ANNOTATION, SIDECAR_CONTAINER, TOKEN_HEADER_ANNOTATION,
-    UPSTREAMS_ANNOTATION,
+    NATIVE_SIDECAR_ANNOTATION, PORT_ANNOTATION, SERVICE_ACCOUNT_ANNOTATION, SIDECAR_CONTAINER,
+    SKIP_CONTAINERS_ANNOTATION, TOKEN_HEADER_ANNOTATION, UPSTREAMS_ANNOTATION,
 };
 
 fn list(names: &[String]) -> String {
@@ -34,6 +34,8 @@ pub enum Denial {
     MetadataServerExcluded { field: &'static str, value: String },
     #[error("annotation {UPSTREAMS_ANNOTATION}: upstream {upstream:?} has listen={port}, which is {taken_by}: give it another listen=PORT")]
     ListenPortClash { upstream: String, port: u16, taken_by: String },
+    #[error("the injection would add {variables} environment variables ({containers} containers × {per_container} each), more than the {max} allowed: list the containers that call no upstream in {SKIP_CONTAINERS_ANNOTATION}, use fewer upstreams, or split the workload")]
+    TooMuchInjection { containers: usize, per_container: usize, variables: usize, max: usize },
     #[error("annotation {TOKEN_HEADER_ANNOTATION}: {value:?} is not supported: use authorization or x-serverless-authorization")]
     BadTokenHeader { value: String },
     #[error("annotation {NATIVE_SIDECAR_ANNOTATION}: {value:?} is not a boolean: write \"true\" or \"false\"")]
@@ -83,6 +85,7 @@ impl Denial {
             Self::NoUpstreams => "no_upstreams",
             Self::Upstreams(_) => "bad_upstreams",
             Self::TooLong { .. } => "annotation_too_long",
+            Self::TooMuchInjection { .. } => "too_much_injection",
             Self::BadPort { .. } => "bad_port",
             Self::PortClash { .. } | Self::SamePorts { .. } | Self::ListenPortClash { .. } => "port_clash",
             Self::Windows { .. } | Self::MetadataServerExcluded { .. } => "node_placement",

@@ -229,6 +229,7 @@ pub fn inject(pod: &Pod, inputs: &Inputs) -> Result<Outcome, Denial> {
         }
     };
     let settings = read_settings(&annotations, native_default)?;
+    check_work(spec, &settings)?;
 
     let namespace = inputs.namespace;
     let namespace_labels = inputs.cluster.namespace_labels(namespace);
@@ -373,6 +374,24 @@ fn read_settings(annotations: &BTreeMap<String, String>, native_default: bool) -
         .map(|v| v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect())
         .unwrap_or_default();
     Ok(Settings { upstreams, upstreams_entries, port, admin_port, token_header, native, skip })
+}
+
+/// Most environment variables one injection adds across the pod's containers: with the 32
+/// upstreams at most, room for 31 containers that each call all of them. It bounds the patch,
+/// and so the memory and time of one review, whatever the pod holds.
+pub const MAX_ADDED_VARIABLES: usize = 1024;
+
+/// Refuses a pod whose injection would grow far beyond its own size: every app container gets a
+/// variable per upstream.
+fn check_work(spec: &PodSpec, settings: &Settings) -> Result<(), Denial> {
+    let containers =
+        all_containers(spec).filter(|c| !settings.skip.contains(&c.name) && !mesh::is_mesh_container(&c.name)).count();
+    let per_container = 1 + settings.upstreams.len() + settings.upstreams.iter().filter(|u| u.listen.is_some()).count();
+    let variables = containers.saturating_mul(per_container);
+    if variables > MAX_ADDED_VARIABLES {
+        return Err(Denial::TooMuchInjection { containers, per_container, variables, max: MAX_ADDED_VARIABLES });
+    }
+    Ok(())
 }
 
 /// The sidecar's ports must be free in the pod's network namespace: no container declares them,
@@ -537,6 +556,24 @@ fn add_app_env(spec: &PodSpec, settings: &Settings, patch: &mut Vec<PatchOperati
                 continue;
             }
             let existing = container.env.as_deref().unwrap_or_default();
+            if let Some(sources) = container.env_from.as_deref().filter(|s| !s.is_empty()) {
+                let names: Vec<String> = sources
+                    .iter()
+                    .filter_map(|s| {
+                        let (kind, name) = match (&s.config_map_ref, &s.secret_ref) {
+                            (Some(map), _) => ("ConfigMap", map.name.as_str()),
+                            (_, Some(secret)) => ("Secret", secret.name.as_str()),
+                            _ => return None,
+                        };
+                        Some(format!("{kind} {name}"))
+                    })
+                    .collect();
+                warnings.push(format!(
+                    "container {:?} takes variables from envFrom ({}): a WIPROXY_URL or WIPROXY_<NAME>_URL there is overridden by the injected value",
+                    container.name,
+                    names.join(", ")
+                ));
+            }
             let mut vars = Vec::new();
             for (name, value) in &wanted {
                 if existing.iter().any(|e| &e.name == name) {
@@ -1012,6 +1049,49 @@ mod tests {
                 other => panic!("{entry}: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn an_injection_many_times_the_pod_is_refused() {
+        let upstreams: Vec<String> =
+            (0..32).map(|i| format!("u{i}=https://europe-west1-host-project.cloudfunctions.net/f{i}")).collect();
+        let containers =
+            |n: usize| -> Vec<Value> { (0..n).map(|i| json!({"name": format!("c{i}"), "image": "app"})).collect() };
+        let amplified = |n: usize| json!({"metadata": {"annotations": {UPSTREAMS_ANNOTATION: upstreams.join(",")}}, "spec": {"containers": containers(n)}});
+        // 31 containers × 33 variables fit; 100 do not, and nothing is built for them.
+        assert!(matches!(
+            run(&pod(amplified(31)), &open_policy(), &StaticCluster::default()),
+            Ok(Outcome::Injected(_))
+        ));
+        let refused = run(&pod(amplified(100)), &open_policy(), &StaticCluster::default());
+        assert!(
+            matches!(
+                refused,
+                Err(Denial::TooMuchInjection {
+                    containers: 100,
+                    per_container: 33,
+                    variables: 3300,
+                    max: MAX_ADDED_VARIABLES
+                })
+            ),
+            "{refused:?}"
+        );
+        // Skipped containers add nothing.
+        let mut skipping = amplified(100);
+        let skipped: Vec<String> = (0..90).map(|i| format!("c{i}")).collect();
+        skipping["metadata"]["annotations"][SKIP_CONTAINERS_ANNOTATION] = json!(skipped.join(","));
+        assert!(matches!(run(&pod(skipping), &open_policy(), &StaticCluster::default()), Ok(Outcome::Injected(_))));
+    }
+
+    #[test]
+    fn variables_from_env_from_are_shadowed_with_a_warning() {
+        let change = json!({"spec": {"containers": [{"name": "app", "image": "app", "envFrom": [{"configMapRef": {"name": "settings"}}, {"secretRef": {"name": "keys"}}]}]}});
+        let injection = injected(run(&pod(change), &open_policy(), &StaticCluster::default()));
+        assert!(
+            injection.warnings.iter().any(|w| w.contains("container \"app\" takes variables from envFrom (ConfigMap settings, Secret keys)")),
+            "{:?}",
+            injection.warnings
+        );
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use k8s_openapi::api::core::v1::ServiceAccount;
 use serde_json::{json, Value};
-use wiproxy_common::GKE_SERVICE_ACCOUNT_ANNOTATION;
+use wiproxy_common::{GKE_SERVICE_ACCOUNT_ANNOTATION, INJECT_LABEL};
 
 use crate::cluster::StaticCluster;
 use crate::inject::{inject, Inputs, Outcome, ServiceAccountChange, SidecarSettings};
@@ -17,7 +17,8 @@ pub struct RenderOptions {
     /// Namespace of documents that name none.
     pub namespace: String,
     pub sidecar: SidecarSettings,
-    /// Policies from `--policy-file`; TokenProxyPolicy documents of the input are added to them.
+    /// Policies from `--policy-file`, the only ones: TokenProxyPolicy documents of the input pass
+    /// through unused.
     pub policies: Vec<Policy>,
     pub policy_required: bool,
     /// Documents of `--cluster-file`; ServiceAccounts and Namespaces of the input are added to them.
@@ -73,50 +74,33 @@ pub fn render(input: &str, source_name: &str, options: &RenderOptions) -> Result
     let mut cluster = StaticCluster::default();
     cluster.add_documents(&options.cluster, &options.namespace);
     cluster.add_documents(entries.iter().filter_map(|e| e.value.as_ref()), &options.namespace);
-    let mut policies = options.policies.clone();
-    let numbered = entries.iter().enumerate().filter_map(|(i, e)| Some((i + 1, e.value.as_ref()?)));
-    policies.extend(yaml::policies_from(numbered, source_name, false)?);
-    let policies = PolicySet::new(policies, options.policy_required);
-
-    let mut rendered = Rendered::default();
-    let mut denials = Vec::new();
-    let mut mappings: Vec<Mapping> = Vec::new();
+    // Policies come from --policy-file only: in a CI gate the input is the app team's, and a
+    // policy in it must not authorise the workloads beside it.
+    let policies = PolicySet::new(options.policies.clone(), options.policy_required);
+    let mut pass =
+        Pass { options, policies: &policies, cluster, warnings: Vec::new(), denials: Vec::new(), mappings: Vec::new() };
 
     for entry in &mut entries {
         let Some(doc) = entry.value.as_mut() else { continue };
         let key = TypeKey::of(doc);
-        let Some(kind) = WorkloadKind::of(&key) else { continue };
-        let explicit_namespace = doc["metadata"]["namespace"].as_str().map(str::to_owned);
-        let namespace = explicit_namespace.clone().unwrap_or_else(|| options.namespace.clone());
-        let what = format!("{}/{}", key.kind, doc["metadata"]["name"].as_str().unwrap_or("<unnamed>"));
-        let Some(template) = doc.pointer_mut(kind.template_pointer()) else { continue };
-        let pod = match serde_json::from_value(pod_value(template)) {
-            Ok(pod) => pod,
-            Err(e) => {
-                denials.push(format!("{what} (namespace {namespace}): the pod template is not valid: {e}"));
-                continue;
+        if key.group == "wiproxy.io" && key.kind == crate::policy::KIND {
+            let name = doc["metadata"]["name"].as_str().unwrap_or("<unnamed>");
+            pass.warnings.push(format!(
+                "{}/{name}: policies are read from --policy-file only; this one passes through unused",
+                key.kind
+            ));
+        } else if key.is_list() {
+            // `kubectl get -o yaml` prints several objects as one List.
+            for item in doc.get_mut("items").and_then(Value::as_array_mut).into_iter().flatten() {
+                entry.changed |= pass.workload(item);
             }
-        };
-        let inputs =
-            Inputs { namespace: &namespace, sidecar: &options.sidecar, policies: &policies, cluster: &cluster };
-        match inject(&pod, &inputs) {
-            Ok(Outcome::NotRequested | Outcome::AlreadyInjected) => {}
-            Ok(Outcome::Injected(injection)) => {
-                if let Err(e) = json_patch::patch(template, &injection.patch) {
-                    denials.push(format!("{what} (namespace {namespace}): cannot apply the injection: {e}"));
-                    continue;
-                }
-                entry.changed = true;
-                rendered.warnings.extend(injection.warnings.iter().map(|w| format!("{what}: {w}")));
-                if let ServiceAccountChange::Annotate { name, gsa } = injection.service_account {
-                    // Later workloads of the same ServiceAccount see the mapping this one needs.
-                    cluster.set_service_account(&namespace, &name, Some(gsa.clone()));
-                    mappings.push(Mapping { explicit_namespace, namespace, name, gsa });
-                }
-            }
-            Err(denial) => denials.push(format!("{what} (namespace {namespace}): {denial}")),
+        } else {
+            entry.changed |= pass.workload(doc);
         }
     }
+    let Pass { mut warnings, denials, mappings, .. } = pass;
+    let mut rendered = Rendered::default();
+    rendered.warnings.append(&mut warnings);
     if !denials.is_empty() {
         return Err(RenderError::Denied(denials));
     }
@@ -166,6 +150,67 @@ pub fn render(input: &str, source_name: &str, options: &RenderOptions) -> Result
         rendered.output.push_str(&to_yaml(&value));
     }
     Ok(rendered)
+}
+
+/// What one render has seen and decided so far.
+struct Pass<'a> {
+    options: &'a RenderOptions,
+    policies: &'a PolicySet,
+    /// The cluster file, the input's Namespaces and ServiceAccounts, and the mappings decided so far.
+    cluster: StaticCluster,
+    warnings: Vec<String>,
+    denials: Vec<String>,
+    mappings: Vec<Mapping>,
+}
+
+impl Pass<'_> {
+    /// Injects `doc` when it is a labelled workload; whether it changed. Anything else, and
+    /// any workload without the label, is left as it is, whatever it holds.
+    fn workload(&mut self, doc: &mut Value) -> bool {
+        let key = TypeKey::of(doc);
+        let Some(kind) = WorkloadKind::of(&key) else { return false };
+        let explicit_namespace = doc["metadata"]["namespace"].as_str().map(str::to_owned);
+        let namespace = explicit_namespace.clone().unwrap_or_else(|| self.options.namespace.clone());
+        let what = format!("{}/{}", key.kind, doc["metadata"]["name"].as_str().unwrap_or("<unnamed>"));
+        let Some(template) = doc.pointer_mut(kind.template_pointer()) else { return false };
+        // The label is read before the template is: an unlabelled template is none of ours.
+        if template.pointer(&format!("/metadata/labels/{}", INJECT_LABEL.replace('/', "~1"))) != Some(&json!("true")) {
+            return false;
+        }
+        let pod = match serde_json::from_value(pod_value(template)) {
+            Ok(pod) => pod,
+            Err(e) => {
+                self.denials.push(format!("{what} (namespace {namespace}): the pod template is not valid: {e}"));
+                return false;
+            }
+        };
+        let inputs = Inputs {
+            namespace: &namespace,
+            sidecar: &self.options.sidecar,
+            policies: self.policies,
+            cluster: &self.cluster,
+        };
+        match inject(&pod, &inputs) {
+            Ok(Outcome::NotRequested | Outcome::AlreadyInjected) => false,
+            Ok(Outcome::Injected(injection)) => {
+                if let Err(e) = json_patch::patch(template, &injection.patch) {
+                    self.denials.push(format!("{what} (namespace {namespace}): cannot apply the injection: {e}"));
+                    return false;
+                }
+                self.warnings.extend(injection.warnings.iter().map(|w| format!("{what}: {w}")));
+                if let ServiceAccountChange::Annotate { name, gsa } = injection.service_account {
+                    // Later workloads of the same ServiceAccount see the mapping this one needs.
+                    self.cluster.set_service_account(&namespace, &name, Some(gsa.clone()));
+                    self.mappings.push(Mapping { explicit_namespace, namespace, name, gsa });
+                }
+                true
+            }
+            Err(denial) => {
+                self.denials.push(format!("{what} (namespace {namespace}): {denial}"));
+                false
+            }
+        }
+    }
 }
 
 /// A ServiceAccount the rendered workloads need mapped to their Google service account.

@@ -3,7 +3,7 @@
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
 use k8s_openapi::api::batch::v1::{CronJob, Job};
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, ReplicationController};
 use k8s_openapi::Resource;
 use serde_json::{json, Value};
 
@@ -28,6 +28,11 @@ impl TypeKey {
         Self::new(group, version, document["kind"].as_str().unwrap_or_default())
     }
 
+    /// Whether this is a `v1` `List`, as `kubectl get -o yaml` prints several objects.
+    pub fn is_list(&self) -> bool {
+        self.group.is_empty() && self.version == "v1" && self.kind == "List"
+    }
+
     /// Whether this is the type `K` of the Kubernetes API.
     pub fn is<K: Resource>(&self) -> bool {
         self.group == K::GROUP && self.version == K::VERSION && self.kind == K::KIND
@@ -44,6 +49,7 @@ pub enum WorkloadKind {
     ReplicaSet,
     Job,
     CronJob,
+    ReplicationController,
 }
 
 impl WorkloadKind {
@@ -56,6 +62,7 @@ impl WorkloadKind {
             (key.is::<ReplicaSet>(), Self::ReplicaSet),
             (key.is::<Job>(), Self::Job),
             (key.is::<CronJob>(), Self::CronJob),
+            (key.is::<ReplicationController>(), Self::ReplicationController),
         ];
         kinds.into_iter().find_map(|(matches, kind)| matches.then_some(kind))
     }
@@ -64,7 +71,12 @@ impl WorkloadKind {
     pub fn template_pointer(self) -> &'static str {
         match self {
             Self::Pod => "",
-            Self::Deployment | Self::StatefulSet | Self::DaemonSet | Self::ReplicaSet | Self::Job => "/spec/template",
+            Self::Deployment
+            | Self::StatefulSet
+            | Self::DaemonSet
+            | Self::ReplicaSet
+            | Self::Job
+            | Self::ReplicationController => "/spec/template",
             Self::CronJob => "/spec/jobTemplate/spec/template",
         }
     }
@@ -95,6 +107,7 @@ mod tests {
             ("apps/v1", "ReplicaSet", Some(WorkloadKind::ReplicaSet)),
             ("batch/v1", "Job", Some(WorkloadKind::Job)),
             ("batch/v1", "CronJob", Some(WorkloadKind::CronJob)),
+            ("v1", "ReplicationController", Some(WorkloadKind::ReplicationController)),
             ("apps/v1beta1", "Deployment", None),
             ("extensions/v1", "Deployment", None),
             ("v1", "Deployment", None),

@@ -9,9 +9,10 @@ use std::path::{Path, PathBuf};
 use clap::Parser;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
 use k8s_openapi::api::batch::v1::{CronJob, Job};
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, ReplicationController, Service, ServiceAccount};
 use serde_json::Value;
 use wiproxy_webhook::config::{Cli, Command};
+use wiproxy_webhook::policy::TokenProxyPolicy;
 use wiproxy_webhook::render::{self, RenderError, Rendered};
 use wiproxy_webhook::yaml;
 
@@ -58,6 +59,13 @@ fn stderr_of(result: &Result<Rendered, RenderError>) -> String {
 /// Every document of the output must be a valid object of its Kubernetes type.
 fn check_types(case: &str, output: &str) {
     for doc in yaml::parse_stream(output, case).expect("output is YAML") {
+        check_type(case, &doc);
+    }
+}
+
+fn check_type(case: &str, doc: &Value) {
+    {
+        let doc = doc.clone();
         let kind = doc["kind"].as_str().unwrap_or_default().to_owned();
         let typed = |result: Result<(), serde_json::Error>| {
             if let Err(e) = result {
@@ -72,6 +80,11 @@ fn check_types(case: &str, output: &str) {
             "CronJob" => doc.pointer("/spec/jobTemplate/spec/template").cloned(),
             _ => doc.pointer("/spec/template").cloned(),
         };
+        // Render passes documents without the label through as they are, valid or not.
+        let labelled = |pod: &Value| pod.pointer("/metadata/labels/wiproxy.io~1inject").is_some();
+        if template.as_ref().is_some_and(|t| !labelled(t)) {
+            return;
+        }
         match kind.as_str() {
             "Pod" => typed(check::<Pod>(&doc)),
             "Deployment" => typed(check::<Deployment>(&doc)),
@@ -84,6 +97,14 @@ fn check_types(case: &str, output: &str) {
             "Namespace" => typed(check::<Namespace>(&doc)),
             "ConfigMap" => typed(check::<ConfigMap>(&doc)),
             "Service" => typed(check::<Service>(&doc)),
+            "ReplicationController" => typed(check::<ReplicationController>(&doc)),
+            "TokenProxyPolicy" => typed(check::<TokenProxyPolicy>(&doc)),
+            "List" => {
+                for item in doc["items"].as_array().into_iter().flatten() {
+                    check_type(case, item);
+                }
+                return;
+            }
             other => panic!("{case}: unexpected kind {other} in output"),
         }
         if let Some(template) = template {

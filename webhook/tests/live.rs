@@ -63,7 +63,7 @@ fn webhook(service_account: Option<PartialObjectMeta<ServiceAccount>>) -> (Webho
 fn sa_metadata(annotations: Value) -> Value {
     json!({
         "apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
-        "metadata": {"name": "orders-client", "namespace": "payments", "annotations": annotations},
+        "metadata": {"name": "orders-client", "namespace": "payments", "resourceVersion": "41", "annotations": annotations},
     })
 }
 
@@ -79,7 +79,11 @@ async fn admission_reads_a_new_service_account_then_annotates_it() {
         assert_eq!((request.method(), request.uri().path()), (&Method::PATCH, SA_PATH));
         assert_eq!(request.headers()["content-type"], "application/merge-patch+json");
         let patch = body_json(request).await;
-        assert_eq!(patch, json!({"metadata": {"annotations": {"iam.gke.io/gcp-service-account": GSA}}}));
+        // The resourceVersion read is a precondition: a ServiceAccount changed meanwhile is not overwritten.
+        assert_eq!(
+            patch,
+            json!({"metadata": {"resourceVersion": "41", "annotations": {"iam.gke.io/gcp-service-account": GSA}}})
+        );
         reply(send, StatusCode::OK, sa_metadata(json!({"iam.gke.io/gcp-service-account": GSA})));
         no_more_calls(&mut handle).await;
     });
@@ -87,6 +91,32 @@ async fn admission_reads_a_new_service_account_then_annotates_it() {
     assert_eq!(response["response"]["allowed"], true, "{response}");
     assert_eq!(decision.labels().result, "injected");
     api.await.expect("the API saw GET then PATCH");
+}
+
+#[tokio::test]
+async fn a_service_account_changed_meanwhile_is_not_overwritten() {
+    let (webhook, mut handle) = webhook(None);
+    let body = support::review_fixture().to_string();
+    let api = tokio::spawn(async move {
+        let (request, send) = next(&mut handle).await;
+        assert_eq!((request.method(), request.uri().path()), (&Method::GET, SA_PATH));
+        reply(send, StatusCode::OK, sa_metadata(json!({})));
+        let (request, send) = next(&mut handle).await;
+        assert_eq!((request.method(), request.uri().path()), (&Method::PATCH, SA_PATH));
+        // What the API server answers a precondition that no longer holds.
+        reply(
+            send,
+            StatusCode::CONFLICT,
+            json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409,
+                   "message": "Operation cannot be fulfilled on serviceaccounts \"orders-client\": the object has been modified; please apply your changes to the latest version and try again"}),
+        );
+    });
+    let (response, decision) = answer(&webhook, Endpoint::Mutate, body.as_bytes()).await.expect("a review");
+    api.await.expect("GET then PATCH");
+    assert_eq!(response["response"]["allowed"], false, "{response}");
+    assert_eq!(decision.labels().reason, "service_account_patch");
+    let message = response["response"]["status"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("changed after the webhook read it"), "{message}");
 }
 
 #[tokio::test]

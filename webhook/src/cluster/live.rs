@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
@@ -35,8 +36,20 @@ pub struct LiveCluster {
     nodes: Store<Node>,
     /// ServiceAccounts read directly because the store had not seen them yet (created in the same
     /// apply), or annotated by this webhook before its watch caught up.
-    recent: Mutex<HashMap<(String, String), KsaLookup>>,
+    recent: Mutex<HashMap<(String, String), Recent>>,
     recorder: Recorder,
+}
+
+/// How long a ServiceAccount read or annotated directly stands in for the store: by then the
+/// watch has seen it, and the store, which follows every later change, is the truth again.
+pub const RECENT_TTL: Duration = Duration::from_secs(60);
+
+/// A ServiceAccount read or annotated directly, and when.
+#[derive(Debug, Clone)]
+struct Recent {
+    lookup: KsaLookup,
+    resource_version: Option<String>,
+    at: Instant,
 }
 
 fn lookup(meta: &PartialObjectMeta<ServiceAccount>) -> KsaLookup {
@@ -95,38 +108,54 @@ impl LiveCluster {
         let _ = self.nodes.wait_until_ready().await;
     }
 
-    fn recent(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), KsaLookup>> {
-        self.recent.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    /// The directly read or annotated ServiceAccount, while it is recent.
+    fn recent(&self, namespace: &str, name: &str) -> Option<Recent> {
+        let recent = self.recent.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        recent.get(&(namespace.to_owned(), name.to_owned())).filter(|r| r.at.elapsed() < RECENT_TTL).cloned()
+    }
+
+    fn remember(&self, namespace: &str, name: &str, lookup: KsaLookup, resource_version: Option<String>) {
+        let mut recent = self.recent.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        recent.retain(|_, r| r.at.elapsed() < RECENT_TTL);
+        recent.insert((namespace.to_owned(), name.to_owned()), Recent { lookup, resource_version, at: Instant::now() });
     }
 
     /// Makes sure `namespace/name` is known before deciding: a store miss is read from the API.
     pub async fn ensure_service_account(&self, namespace: &str, name: &str) {
         let key = ObjectRef::new(name).within(namespace);
-        if self.service_accounts.get(&key).is_some()
-            || self.recent().contains_key(&(namespace.to_owned(), name.to_owned()))
-        {
+        if self.service_accounts.get(&key).is_some() || self.recent(namespace, name).is_some() {
             return;
         }
         let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), namespace);
-        let found = match api.get_metadata_opt(name).await {
-            Ok(Some(meta)) => lookup(&meta),
-            Ok(None) => KsaLookup::Missing,
+        let (found, resource_version) = match api.get_metadata_opt(name).await {
+            Ok(Some(meta)) => (lookup(&meta), meta.metadata.resource_version.clone()),
+            Ok(None) => (KsaLookup::Missing, None),
             Err(e) => {
                 warn!(%namespace, ksa = name, error = %e, "cannot read ServiceAccount");
                 return;
             }
         };
         debug!(%namespace, ksa = name, ?found, "ServiceAccount read directly");
-        self.recent().insert((namespace.to_owned(), name.to_owned()), found);
+        self.remember(namespace, name, found, resource_version);
     }
 
-    /// Adds `iam.gke.io/gcp-service-account: gsa` to the ServiceAccount with a merge patch.
+    /// Adds `iam.gke.io/gcp-service-account: gsa` to the ServiceAccount with a merge patch that
+    /// carries the resourceVersion the decision read: if the ServiceAccount changed since (another
+    /// replica mapped it elsewhere, say), the API server refuses it with 409 instead of
+    /// overwriting a mapping nobody decided on.
     pub async fn annotate_service_account(&self, namespace: &str, name: &str, gsa: &str) -> Result<(), kube::Error> {
         let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), namespace);
-        let patch = json!({"metadata": {"annotations": {GKE_SERVICE_ACCOUNT_ANNOTATION: gsa}}});
-        api.patch_metadata(name, &PatchParams::apply(MANAGER), &Patch::Merge(&patch)).await?;
+        let read = match self.service_accounts.get(&ObjectRef::new(name).within(namespace)) {
+            Some(meta) => meta.metadata.resource_version.clone(),
+            None => self.recent(namespace, name).and_then(|r| r.resource_version),
+        };
+        let mut patch = json!({"metadata": {"annotations": {GKE_SERVICE_ACCOUNT_ANNOTATION: gsa}}});
+        if let Some(resource_version) = read {
+            patch["metadata"]["resourceVersion"] = json!(resource_version);
+        }
+        let patched = api.patch_metadata(name, &PatchParams::apply(MANAGER), &Patch::Merge(&patch)).await?;
         info!(%namespace, ksa = name, %gsa, "ServiceAccount mapped to its Google service account");
-        self.recent().insert((namespace.to_owned(), name.to_owned()), KsaLookup::Mapped(gsa.to_owned()));
+        self.remember(namespace, name, KsaLookup::Mapped(gsa.to_owned()), patched.metadata.resource_version);
         Ok(())
     }
 
@@ -192,16 +221,14 @@ impl ClusterState for LiveCluster {
     }
 
     fn service_account(&self, namespace: &str, name: &str) -> KsaLookup {
-        let key = (namespace.to_owned(), name.to_owned());
-        if let Some(recent) = self.recent().get(&key) {
-            if matches!(recent, KsaLookup::Mapped(_)) {
-                return recent.clone();
-            }
+        let recent = self.recent(namespace, name);
+        if let Some(Recent { lookup: mapped @ KsaLookup::Mapped(_), .. }) = &recent {
+            return mapped.clone();
         }
         if let Some(meta) = self.service_accounts.get(&ObjectRef::new(name).within(namespace)) {
             return lookup(&meta);
         }
-        self.recent().get(&key).cloned().unwrap_or(KsaLookup::Missing)
+        recent.map(|r| r.lookup).unwrap_or(KsaLookup::Missing)
     }
 
     fn oldest_kubelet(&self) -> Option<NodeKubelet> {

@@ -103,11 +103,17 @@ impl Cluster {
             match (self, effect) {
                 (Self::Live(live), Effect::AnnotateServiceAccount { namespace, name, gsa }) => {
                     live.annotate_service_account(namespace, name, gsa).await.map_err(|e| {
+                        let error = match &e {
+                            kube::Error::Api(status) if status.code == 409 => {
+                                "it changed after the webhook read it (another writer mapped it meanwhile); the pod's controller creates the pod again, which reads it anew".to_owned()
+                            }
+                            _ => e.to_string(),
+                        };
                         EffectFailed(Denial::ServiceAccountPatch {
                             namespace: namespace.clone(),
                             ksa: name.clone(),
                             gsa: gsa.clone(),
-                            error: e.to_string(),
+                            error,
                         })
                     })?;
                 }
