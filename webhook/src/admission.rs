@@ -59,6 +59,17 @@ pub async fn answer(webhook: &Webhook, endpoint: Endpoint, body: &[u8]) -> Resul
     Ok((respond(&request, &decision), decision))
 }
 
+/// `answer`, with the response AdmissionReview already serialised: what `/mutate` and
+/// `/validate` send back.
+pub async fn answer_bytes(
+    webhook: &Webhook,
+    endpoint: Endpoint,
+    body: &[u8],
+) -> Result<(Vec<u8>, Decision), ReviewError> {
+    let (response, decision) = answer(webhook, endpoint, body).await?;
+    Ok((serde_json::to_vec(&response).unwrap_or_default(), decision))
+}
+
 fn parse(body: &[u8]) -> Result<AdmissionRequest<DynamicObject>, ReviewError> {
     let value: Value = serde_json::from_slice(body).map_err(ReviewError::NotJson)?;
     let object = value.as_object().ok_or(ReviewError::NotObject(json_type(&value)))?;
