@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use anyhow::Context;
-use wiproxy_webhook::admission::answer_bytes;
+use wiproxy_webhook::admission::answer;
 use wiproxy_webhook::cluster::StaticCluster;
 use wiproxy_webhook::inject::SidecarSettings;
 use wiproxy_webhook::policy::PolicySet;
@@ -28,7 +28,7 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().build()?;
     let mut bytes = 0;
     for _ in 0..count {
-        let (response, _) = runtime.block_on(answer_bytes(&webhook, Endpoint::Mutate, &body))?;
+        let (response, _) = runtime.block_on(answer(&webhook, Endpoint::Mutate, &body))?;
         bytes += response.len();
     }
     println!("{count} reviews, {bytes} bytes answered");
