@@ -85,10 +85,9 @@ class Bench:
                 proc.wait()
 
     def stop_all(self):
+        # SIGTERM first: an nginx master killed outright leaves its workers holding the ports.
         for proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            self.stop(proc)
 
     # ---- nginx -----------------------------------------------------------------------------
 
