@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::sync::{watch, Notify};
+use prometheus_client::metrics::counter::Counter;
+use tokio::sync::{watch, Notify, Semaphore};
 use tracing::{debug, info, warn};
 
 use crate::metrics::Metrics;
@@ -31,6 +32,10 @@ struct Slot {
     refused: AtomicBool,
     /// Cuts the refresher's sleep short: a token was refused upstream.
     wake: Notify,
+    /// This audience's series of `token_cache_hits` and `token_cache_waits`, looked up once so a
+    /// request counts itself without a label lookup.
+    hits: Counter,
+    waits: Counter,
 }
 
 #[derive(Default)]
@@ -75,6 +80,12 @@ fn refresh_delay(token: &Token, now: SystemTime) -> Duration {
     at.duration_since(now).unwrap_or_default()
 }
 
+/// Token fetches in flight at once across all audiences. The GKE metadata server allows about
+/// 200 connections per node, shared by every pod on it: a pod with 32 upstreams starting beside
+/// others must not take a sixth of them, and a slow metadata server answers a few requests
+/// sooner than many.
+pub const MAX_CONCURRENT_FETCHES: usize = 8;
+
 pub struct TokenCache {
     slots: HashMap<String, Arc<Slot>>,
     metrics: Arc<Metrics>,
@@ -92,7 +103,11 @@ impl TokenCache {
         let mut slots = HashMap::new();
         for audience in audiences {
             slots.entry(audience.clone()).or_insert_with(|| {
+                // Series start at zero, so a dashboard sees "no waits" rather than "no data".
+                let labels = Metrics::audience(&audience);
                 Arc::new(Slot {
+                    hits: metrics.cache_hits.get_or_create(&labels).clone(),
+                    waits: metrics.cache_waits.get_or_create(&labels).clone(),
                     audience,
                     state: Mutex::default(),
                     changed: watch::channel(0).0,
@@ -101,12 +116,10 @@ impl TokenCache {
                 })
             });
         }
+        let fetches = Arc::new(Semaphore::new(MAX_CONCURRENT_FETCHES));
         for slot in slots.values() {
-            // Series start at zero, so a dashboard sees "no waits" rather than "no data".
-            let labels = Metrics::audience(&slot.audience);
-            drop(metrics.cache_hits.get_or_create(&labels));
-            drop(metrics.cache_waits.get_or_create(&labels));
-            tokio::spawn(refresh(slot.clone(), source.clone(), expected_email.clone(), metrics.clone()));
+            let (slot, source, fetches) = (slot.clone(), source.clone(), fetches.clone());
+            tokio::spawn(refresh(slot, source, fetches, expected_email.clone(), metrics.clone()));
         }
         Arc::new(Self { slots, metrics })
     }
@@ -114,7 +127,6 @@ impl TokenCache {
     /// A servable token for `audience`, waiting at most `wait` when one is on its way.
     pub async fn get(&self, audience: &str, wait: Duration) -> Result<Token, Unavailable> {
         let slot = self.slots.get(audience).ok_or_else(|| Unavailable(format!("no audience {audience:?}")))?;
-        let labels = Metrics::audience(audience);
         let mut changes = slot.changed.subscribe();
         let deadline = tokio::time::Instant::now() + wait;
         let mut waited = false;
@@ -122,8 +134,8 @@ impl TokenCache {
             {
                 let state = slot.state();
                 if let Some(token) = state.token.as_ref().filter(|t| t.servable(SystemTime::now())) {
-                    let counter = if waited { &self.metrics.cache_waits } else { &self.metrics.cache_hits };
-                    counter.get_or_create(&labels).inc();
+                    let counter = if waited { &slot.waits } else { &slot.hits };
+                    counter.inc();
                     return Ok(token.clone());
                 }
                 if let Some(error) = &state.error {
@@ -207,13 +219,23 @@ impl TokenCache {
     }
 }
 
-async fn refresh(slot: Arc<Slot>, source: Arc<dyn TokenSource>, expected_email: Option<String>, metrics: Arc<Metrics>) {
+async fn refresh(
+    slot: Arc<Slot>,
+    source: Arc<dyn TokenSource>,
+    fetches: Arc<Semaphore>,
+    expected_email: Option<String>,
+    metrics: Arc<Metrics>,
+) {
     let audience = slot.audience.clone();
     let mut failures = 0u32;
     loop {
-        let started = Instant::now();
-        let fetched = source.fetch(&audience).await;
-        let seconds = started.elapsed().as_secs_f64();
+        let (fetched, seconds) = {
+            // The semaphore is never closed: a permit always comes.
+            let _permit = fetches.acquire().await.ok();
+            let started = Instant::now();
+            let fetched = source.fetch(&audience).await;
+            (fetched, started.elapsed().as_secs_f64())
+        };
         let fetched = fetched.and_then(|token| match (&expected_email, &token.email) {
             (Some(expected), Some(email)) if email.eq_ignore_ascii_case(expected) => Ok(token),
             (None, _) => Ok(token),
@@ -280,6 +302,8 @@ mod tests {
 
     struct Scripted {
         fetches: AtomicUsize,
+        in_flight: AtomicUsize,
+        max_in_flight: AtomicUsize,
         delay: Duration,
         lifetime: u64,
         email: &'static str,
@@ -293,7 +317,10 @@ mod tests {
         ) -> Pin<Box<dyn Future<Output = Result<Token, FetchError>> + Send + 'a>> {
             Box::pin(async move {
                 self.fetches.fetch_add(1, Ordering::SeqCst);
+                let now = self.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+                self.max_in_flight.fetch_max(now, Ordering::SeqCst);
                 tokio::time::sleep(self.delay).await;
+                self.in_flight.fetch_sub(1, Ordering::SeqCst);
                 if let Some(error) = self.fail_with.lock().expect("lock").clone() {
                     return Err(error);
                 }
@@ -305,6 +332,8 @@ mod tests {
     fn scripted(delay_ms: u64, email: &'static str) -> Arc<Scripted> {
         Arc::new(Scripted {
             fetches: AtomicUsize::new(0),
+            in_flight: AtomicUsize::new(0),
+            max_in_flight: AtomicUsize::new(0),
             delay: Duration::from_millis(delay_ms),
             lifetime: 3600,
             email,
@@ -326,6 +355,20 @@ mod tests {
             assert!(waiter.await.expect("task").is_ok());
         }
         assert_eq!(source.fetches.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn start_up_fetches_are_bounded() {
+        let source = scripted(20, "a@p.iam.gserviceaccount.com");
+        let audiences: Vec<String> = (0..32).map(|i| format!("https://u{i}.example.com")).collect();
+        let cache = TokenCache::start(audiences.clone(), source.clone(), None, Arc::default());
+        for audience in &audiences {
+            cache.get(audience, Duration::from_secs(10)).await.expect("a token for every audience");
+        }
+        assert_eq!(source.fetches.load(Ordering::SeqCst), 32);
+        let most = source.max_in_flight.load(Ordering::SeqCst);
+        assert!(most <= MAX_CONCURRENT_FETCHES, "{most} fetches at once");
+        assert!(most > 1, "fetches still overlap: {most}");
     }
 
     #[tokio::test]

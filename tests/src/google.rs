@@ -64,6 +64,9 @@ pub struct Google {
     access_tokens: Mutex<HashMap<String, (String, u64)>>,
     /// ID tokens served by the metadata server's identity endpoint (all audiences).
     pub identity_fetches: AtomicUsize,
+    /// Identity requests being answered now, and the most there ever were at once.
+    pub identity_in_flight: AtomicUsize,
+    pub identity_max_in_flight: AtomicUsize,
     /// Lifetime of the ID tokens minted from now on, in seconds.
     pub lifetime_secs: AtomicU64,
     /// Delay before the metadata server answers, in milliseconds.
@@ -98,6 +101,8 @@ impl Google {
             minted: Mutex::default(),
             access_tokens: Mutex::default(),
             identity_fetches: AtomicUsize::new(0),
+            identity_in_flight: AtomicUsize::new(0),
+            identity_max_in_flight: AtomicUsize::new(0),
             lifetime_secs: AtomicU64::new(3600),
             delay_ms: AtomicU64::new(0),
             failure: Mutex::default(),
@@ -277,7 +282,25 @@ struct IdentityQuery {
     format: Option<String>,
 }
 
+/// Counts an identity request in flight for as long as it lives.
+struct InFlight<'a>(&'a Google);
+
+impl<'a> InFlight<'a> {
+    fn enter(google: &'a Google) -> Self {
+        let now = google.identity_in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        google.identity_max_in_flight.fetch_max(now, Ordering::SeqCst);
+        Self(google)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.identity_in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 async fn identity(State(google): State<Arc<Google>>, Query(query): Query<IdentityQuery>) -> Response {
+    let _in_flight = InFlight::enter(&google);
     let Some(audience) = query.audience.filter(|a| !a.is_empty()) else {
         return text(400, "non-empty audience parameter required");
     };
@@ -334,10 +357,20 @@ pub fn metadata_router(google: Arc<Google>) -> Router {
         .route("/computeMetadata/v1/instance/service-accounts/default/identity", get(identity))
         .route("/computeMetadata/v1/instance/service-accounts/default/token", get(metadata_access_token))
         .route("/computeMetadata/v1/instance/service-accounts/default/email", get(metadata_email))
+        // Not GKE's: what the fake saw, for benchmarks (`make bench` reads the fetch concurrency).
+        .route("/fake/stats", get(stats))
         // GKE's answer to other paths is not modelled; a plain 404 stands in (undocumented).
         .fallback(|| async { text(404, "Not Found") })
         .layer(axum::middleware::from_fn(metadata_headers))
         .with_state(google)
+}
+
+async fn stats(State(google): State<Arc<Google>>) -> Response {
+    Json(json!({
+        "identity_fetches": google.identity_fetches.load(Ordering::SeqCst),
+        "max_in_flight": google.identity_max_in_flight.load(Ordering::SeqCst),
+    }))
+    .into_response()
 }
 
 fn oauth_error(status: u16, error: &str, description: &str) -> Response {

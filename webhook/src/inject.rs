@@ -198,11 +198,12 @@ struct Settings {
 }
 
 pub fn inject(pod: &Pod, inputs: &Inputs) -> Result<Outcome, Denial> {
-    let labels = pod.metadata.labels.clone().unwrap_or_default();
-    if labels.get(INJECT_LABEL).map(String::as_str) != Some("true") {
+    let requested = pod.metadata.labels.as_ref().and_then(|labels| labels.get(INJECT_LABEL));
+    if requested.map(String::as_str) != Some("true") {
         return Ok(Outcome::NotRequested);
     }
-    let annotations = pod.metadata.annotations.clone().unwrap_or_default();
+    let no_annotations = BTreeMap::new();
+    let annotations = pod.metadata.annotations.as_ref().unwrap_or(&no_annotations);
     let spec = pod.spec.as_ref().ok_or(Denial::NoSpec)?;
     let has_sidecar = all_containers(spec).any(|c| c.name == SIDECAR_CONTAINER);
     // A status without the sidecar it describes (forged, or copied from another pod) never skips
@@ -228,7 +229,7 @@ pub fn inject(pod: &Pod, inputs: &Inputs) -> Result<Outcome, Denial> {
             inputs.cluster.oldest_kubelet().is_none_or(|oldest| oldest.version >= NATIVE_SIDECAR_KUBELET)
         }
     };
-    let settings = read_settings(&annotations, native_default)?;
+    let settings = read_settings(annotations, native_default)?;
     check_work(spec, &settings)?;
 
     let namespace = inputs.namespace;

@@ -1,17 +1,62 @@
-//! One admission review, decided. `ReviewView` is what the API server asked, read once;
-//! `decide` is the pure step that turns it into a `Decision`: the answer, the effects the
-//! cluster must apply (as data), and the labels logs and metrics carry. No I/O here.
+//! One admission review, decided. `ReviewRequest` is what the API server sent, parsed once with
+//! the object left as raw JSON; `ReviewView` is what the decision reads of it (the pod typed
+//! straight from that JSON); `decide` is the pure step that turns it into a `Decision`: the
+//! answer, the effects the cluster must apply (as data), and the labels logs and metrics carry.
+//! No I/O here.
 
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
-use kube_core::admission::{AdmissionRequest, Operation};
-use kube_core::DynamicObject;
+use kube_core::admission::Operation;
+use kube_core::GroupVersionKind;
+use serde::de::IgnoredAny;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::Value;
 
 use crate::cluster::{ClusterState, Effect, EffectFailed};
 use crate::denial::Denial;
 use crate::inject::{inject, service_account_name, Inputs, Outcome, ServiceAccountChange, SidecarSettings};
 use crate::policy::PolicySet;
 use crate::workload::{pod_from, pod_value, TypeKey, WorkloadKind};
+
+/// The `request` of an AdmissionReview v1: the fields a decision reads, typed, and the object as
+/// the raw JSON it came in (borrowed from the body), so a pod is parsed once, straight into a
+/// `Pod`. `resource` and `userInfo` are required by the API as by kube-core's `AdmissionRequest`,
+/// so a review without them is malformed here too; their content is never read.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ReviewRequest<'a> {
+    pub uid: String,
+    pub kind: GroupVersionKind,
+    #[serde(rename = "resource")]
+    _resource: IgnoredAny,
+    #[serde(default)]
+    pub sub_resource: Option<String>,
+    #[serde(default)]
+    pub name: String,
+    #[serde(default)]
+    pub namespace: Option<String>,
+    pub operation: Operation,
+    #[serde(rename = "userInfo")]
+    _user_info: IgnoredAny,
+    #[serde(default, borrow)]
+    pub object: Option<&'a RawValue>,
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// Just enough of an object to know its namespace.
+#[derive(Deserialize)]
+struct NamespaceOnly {
+    #[serde(default)]
+    metadata: MetadataNamespace,
+}
+
+#[derive(Default, Deserialize)]
+struct MetadataNamespace {
+    #[serde(default)]
+    namespace: Option<String>,
+}
 
 /// Which webhook a review came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,20 +121,24 @@ enum Subject {
 }
 
 impl ReviewView {
-    pub fn new(endpoint: Endpoint, request: &AdmissionRequest<DynamicObject>) -> Self {
-        let key = TypeKey::new(&request.kind.group, &request.kind.version, &request.kind.kind);
-        let kind = WorkloadKind::of(&key);
-        let object = request.object.as_ref().and_then(|o| serde_json::to_value(o).ok()).filter(|o| !o.is_null());
+    pub fn new(endpoint: Endpoint, request: &ReviewRequest<'_>) -> Self {
+        let kind = &request.kind;
+        let kind = WorkloadKind::of(&TypeKey::new(&kind.group, &kind.version, &kind.kind));
+        let object = request.object.filter(|o| o.get() != "null");
         let pod = match (endpoint, kind, &request.operation) {
             (Endpoint::Mutate, Some(WorkloadKind::Pod), _) if request.sub_resource.is_some() => Err(Skip::NotAPod),
-            (Endpoint::Mutate, Some(WorkloadKind::Pod), Operation::Create) => {
-                Ok(pod_from(object.as_ref(), "request.object"))
-            }
+            (Endpoint::Mutate, Some(WorkloadKind::Pod), Operation::Create) => Ok(match object {
+                None => Err("request.object is missing from the review".to_owned()),
+                Some(raw) => serde_json::from_str::<Pod>(raw.get())
+                    .map_err(|e| format!("request.object is not a valid Pod: {e}")),
+            }),
             (Endpoint::Mutate, Some(WorkloadKind::Pod), _) => Err(Skip::NotACreate),
             (Endpoint::Mutate, _, _) => Err(Skip::NotAPod),
             (Endpoint::Validate, Some(kind), Operation::Create | Operation::Update) if kind != WorkloadKind::Pod => {
+                // Not the hot path: a workload is read as a Value to find its template.
+                let value = object.and_then(|o| serde_json::from_str::<Value>(o.get()).ok());
                 let pointer = kind.template_pointer();
-                let template = object.as_ref().and_then(|o| o.pointer(pointer)).map(pod_value);
+                let template = value.as_ref().and_then(|o| o.pointer(pointer)).map(pod_value);
                 Ok(pod_from(template.as_ref(), &format!("the pod template at {pointer}")))
             }
             (Endpoint::Validate, _, _) => Err(Skip::NotAWorkload),
@@ -99,8 +148,13 @@ impl ReviewView {
             Ok(Err(message)) => Subject::Malformed(message),
             Ok(Ok(pod)) => Subject::Pod(Box::new(pod)),
         };
-        let object_namespace = object.as_ref().and_then(|o| o["metadata"]["namespace"].as_str()).map(str::to_owned);
-        let namespace = request.namespace.clone().filter(|n| !n.is_empty()).or(object_namespace);
+        let namespace = match (request.namespace.as_deref().filter(|n| !n.is_empty()), &subject) {
+            (Some(namespace), _) => Some(namespace.to_owned()),
+            (None, Subject::Pod(pod)) if endpoint == Endpoint::Mutate => pod.metadata.namespace.clone(),
+            (None, _) => object
+                .and_then(|o| serde_json::from_str::<NamespaceOnly>(o.get()).ok())
+                .and_then(|o| o.metadata.namespace),
+        };
         let mut name = request.name.clone();
         if let (true, Subject::Pod(pod)) = (name.is_empty(), &subject) {
             name = pod.metadata.generate_name.clone().unwrap_or_default();

@@ -111,7 +111,7 @@ async fn handle(State(state): State<AppState>, request: Request, endpoint: Endpo
                 );
             });
             state.metrics.review(labels.webhook, labels.result, labels.reason, started.elapsed().as_secs_f64());
-            Json(response).into_response()
+            ([(header::CONTENT_TYPE, "application/json")], response).into_response()
         }
         Err(e) => {
             warn!(reason = e.reason(), error = %e, "malformed review");

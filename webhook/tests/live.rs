@@ -13,7 +13,7 @@ use kube::runtime::reflector::{self, store::Writer};
 use kube::runtime::watcher;
 use serde_json::{json, Value};
 use support::api::{body_json, next, no_more_calls, reply, ApiHandle};
-use wiproxy_webhook::admission::answer;
+use wiproxy_webhook::admission;
 use wiproxy_webhook::cluster::live::{autopilot, keep_kubelet_version, supports_native_sidecars, AUTOPILOT_WEBHOOKS};
 use wiproxy_webhook::cluster::{Cluster, LiveCluster};
 use wiproxy_webhook::config::GkeAutopilot;
@@ -22,6 +22,16 @@ use wiproxy_webhook::policy::{PolicySet, TokenProxyPolicy};
 use wiproxy_webhook::policy_status::{write_status, Policies};
 use wiproxy_webhook::review::Endpoint;
 use wiproxy_webhook::{yaml, Webhook};
+
+/// The review's answer as JSON, and the decision.
+async fn answer(
+    webhook: &Webhook,
+    endpoint: Endpoint,
+    body: &[u8],
+) -> Result<(Value, wiproxy_webhook::review::Decision), admission::ReviewError> {
+    let (bytes, decision) = admission::answer(webhook, endpoint, body).await?;
+    Ok((serde_json::from_slice(&bytes).expect("the answer is JSON"), decision))
+}
 
 const SA_PATH: &str = "/api/v1/namespaces/payments/serviceaccounts/orders-client";
 const GSA: &str = "invoker@client-project.iam.gserviceaccount.com";

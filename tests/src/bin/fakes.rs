@@ -6,7 +6,8 @@
 //! publishes them at `/oauth2/v3/certs`), `env` (the
 //! `GCE_METADATA_HOST` and expected-GSA lines a sidecar needs) and `function.env` (`WIPROXY_RESOLVE`
 //! pinning the function's hosts to the fake front end, and its address as `FUNCTION_ADDR`); then
-//! serves until killed.
+//! serves until killed. `WIPROXY_FAKES_METADATA_DELAY_MS` makes the metadata server answer
+//! identity requests that late (GKE's can take seconds on a new pod).
 
 use std::path::PathBuf;
 
@@ -23,6 +24,8 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
         let world = World::start().await;
+        let delay = std::env::var("WIPROXY_FAKES_METADATA_DELAY_MS").ok().and_then(|d| d.parse().ok()).unwrap_or(0);
+        world.google.delay_ms.store(delay, std::sync::atomic::Ordering::SeqCst);
         std::fs::write(dir.join("ca.pem"), world.ca.pem())?;
         let (cert, key) = world.ca.server_pem(&hosts.iter().map(String::as_str).collect::<Vec<_>>());
         std::fs::write(dir.join("jwks.json"), world.google.verifier().jwks().to_string())?;
