@@ -444,6 +444,41 @@ mod tests {
         assert_eq!(errors.failed(&emfile), ACCEPT_BACKOFF_FIRST);
     }
 
+    /// With a cap of one, a second client is served only once the first has gone: its answer
+    /// comes after the first connection closed, never before.
+    #[tokio::test]
+    async fn past_the_cap_a_client_waits_for_a_free_slot() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let (_stop, stopped) = watch::channel(false);
+        let policy = ConnectionPolicy::new("test", 1).header_timeout(Duration::from_secs(60));
+        let service = || {
+            hyper::service::service_fn(|_request: Request<RequestBody>| async {
+                Ok::<_, std::convert::Infallible>(Response::new(String::from("ok")))
+            })
+        };
+        tokio::spawn(serve(listener, policy, stopped, Duration::from_secs(1), |s| async move { Some(s) }, service));
+
+        let first = TcpStream::connect(addr).await.expect("connect");
+        // Let the server accept the first connection before the second arrives.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let second = tokio::spawn(async move {
+            let mut stream = TcpStream::connect(addr).await.expect("connect");
+            stream.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.expect("write");
+            let mut answer = String::new();
+            let _ = stream.read_to_string(&mut answer).await;
+            (answer, Instant::now())
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let closed = Instant::now();
+        drop(first);
+        let (answer, answered) =
+            tokio::time::timeout(Duration::from_secs(30), second).await.expect("answered").expect("task");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answered > closed, "the second client was served while the first held the only slot");
+    }
+
     #[test]
     fn a_header_limit_below_hypers_minimum_is_raised() {
         assert_eq!(ConnectionPolicy::new("t", 1).max_header_bytes(100).max_header_bytes, MIN_HEADER_BYTES);
