@@ -45,7 +45,7 @@ proptest! {
             names.dedup();
             prop_assert_eq!(names.len(), upstreams.len());
             for upstream in &upstreams {
-                prop_assert!(upstream.url.starts_with("https://"));
+                prop_assert_eq!(upstream.parsed.scheme(), "https");
                 prop_assert!(!upstream.name.starts_with('_') && !upstream.name.starts_with('-'));
             }
         }

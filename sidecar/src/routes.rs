@@ -178,6 +178,14 @@ impl Routes {
             ));
         }
         let rest = uri.path();
+        // `OPTIONS *` (asterisk form) would be appended to the URL's path as `/orders*`,
+        // outside it: only paths are forwarded.
+        if !rest.starts_with('/') {
+            return Err(refuse(
+                StatusCode::BAD_REQUEST,
+                format!("this port forwards paths to {}; the request target must start with '/'", route.name),
+            ));
+        }
         check_dot_segments(rest)?;
         let path = format!("{}{rest}", route.base_path);
         Ok(Destination::Upstream { index, uri: target(route, &path, uri.query())?, via: Via::Port })
@@ -610,6 +618,7 @@ mod tests {
         );
         assert_eq!(to(fnport, "/items?a=1"), Ok("https://fn.example.com/orders/v3/items?a=1".into()));
         assert_eq!(to(fnport, "/../x"), Err(StatusCode::BAD_REQUEST));
+        assert_eq!(to(fnport, "*"), Err(StatusCode::BAD_REQUEST));
     }
 
     #[test]
