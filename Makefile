@@ -35,7 +35,7 @@ REVISION     := $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
 SOURCE       ?= https://github.com/wiproxy/wiproxy
 REPOSITORY   ?= ghcr.io/wiproxy
 
-.PHONY: all build release demo test lint boundaries unit validate-manifests chart-test bench image image-test push \
+.PHONY: all build release demo test lint boundaries unit fuzz reliability validate-manifests chart-test bench image image-test push \
         check-links shellcheck check-workflows deny e2e-gke e2e-gke-args e2e-gke-test push-args interop clean
 
 all: build
@@ -92,6 +92,29 @@ $(INTEROP_MARK): $(KUBE_VALIDATE)
 INTEROP_REQUESTS ?= 2000
 interop: build $(INTEROP_MARK)
 	$(VENV)/bin/python tests/interop/run.py $(DEBUG) --requests $(INTEROP_REQUESTS)
+
+# Each fuzz target (fuzz/fuzz_targets) for FUZZ_SECONDS with cargo-fuzz on nightly; not part of
+# make test, which runs a quick proptest of the same properties. Crashes land in
+# fuzz/artifacts/TARGET; the corpus grows in fuzz/corpus/TARGET.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := upstreams paths routing policy render admission
+fuzz:
+	@$(CARGO) +nightly fuzz --version > /dev/null 2>&1 || $(CARGO) +nightly install --locked cargo-fuzz
+	cd fuzz && $(CARGO) +nightly fuzz build -O
+	@for target in $(FUZZ_TARGETS); do \
+	  mkdir -p fuzz/corpus/$$target; \
+	  (cd fuzz && $(CARGO) +nightly fuzz run -O $$target -- -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 \
+	    -max_len=65536 -print_final_stats=1 2> $(TARGET_DIR)/fuzz-$$target.log) || \
+	    { tail -40 $(TARGET_DIR)/fuzz-$$target.log; echo "fuzz target $$target failed"; exit 1; }; \
+	  echo "$$target: $$(grep -o 'stat::number_of_executed_units: *[0-9]*' $(TARGET_DIR)/fuzz-$$target.log | grep -o '[0-9]*$$') runs, corpus $$(ls fuzz/corpus/$$target | wc -l) inputs, 0 crashes"; \
+	done
+
+# Attacks on the release binaries, on loopback (at most 10 minutes): one table of cases,
+# panics, leaked tokens, peak memory and connections held per attack.
+reliability: release
+	$(CARGO) build --locked --release -p wiproxy-tests --bin wiproxy-reliability
+	bash -c 'ulimit -n 65536 2>/dev/null || ulimit -n $$(ulimit -Hn); \
+	  timeout 600 $(RELEASE)/wiproxy-reliability $(RELEASE)'
 
 # Every relative link in the repository's Markdown resolves to a file (and heading) inside it.
 check-links:

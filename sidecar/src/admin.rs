@@ -3,9 +3,11 @@
 
 use std::sync::Arc;
 
-use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
+use std::time::Duration;
+
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use serde_json::{json, Map, Value};
+use wiproxy_common::serve::{ConnectionPolicy, RequestBody};
 
 use crate::body::{json_response, text_response, Body};
 use crate::cache::TokenCache;
@@ -18,8 +20,34 @@ pub struct Admin {
     pub metrics: Arc<Metrics>,
 }
 
+/// The admin port is reachable from every pod in the cluster: a small cap of its own (the
+/// kubelet's probes and a Prometheus scrape need a handful), small heads and short timeouts, so
+/// nothing sent to it can take memory or file descriptors the proxy needs.
+pub const ADMIN_CONNECTIONS: usize = 16;
+pub const ADMIN_HEADER_BYTES: usize = 8 * 1024;
+pub const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
+pub const ADMIN_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The admin port's connection policy.
+pub fn policy() -> ConnectionPolicy {
+    ConnectionPolicy::new("admin", ADMIN_CONNECTIONS)
+        .header_timeout(ADMIN_TIMEOUT)
+        .body_timeout(ADMIN_TIMEOUT)
+        .idle_timeout(ADMIN_IDLE_TIMEOUT)
+        .max_header_bytes(ADMIN_HEADER_BYTES)
+        .max_headers(32)
+        .max_streams(4)
+}
+
 impl Admin {
-    pub async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<Body> {
+    pub async fn handle(self: Arc<Self>, request: Request<RequestBody>) -> Response<Body> {
+        if request.method() != Method::GET && request.method() != Method::HEAD {
+            let mut response =
+                json_response(StatusCode::METHOD_NOT_ALLOWED, json!({"error": "the admin server answers GET only"}));
+            response.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return response;
+        }
         match request.uri().path() {
             "/healthz" => text_response(StatusCode::OK, "ok\n", "text/plain"),
             "/readyz" => self.readyz(),

@@ -80,6 +80,28 @@ pub struct Settings {
     /// and Cloud Functions enforce their own request timeouts). Past it the app gets 504.
     #[arg(long, global = true, env = "WIPROXY_UPSTREAM_TIMEOUT", default_value_t = 0)]
     pub upstream_timeout: u64,
+    /// Longest time to connect to an upstream and finish its TLS handshake, in seconds; applies
+    /// even when WIPROXY_UPSTREAM_TIMEOUT is 0. Past it the app gets 504.
+    #[arg(long, global = true, env = "WIPROXY_CONNECT_TIMEOUT", default_value_t = 10)]
+    pub connect_timeout: u64,
+    /// Connections the proxy port and the upstream ports serve at once, together; more wait in
+    /// the kernel's backlog.
+    #[arg(long, global = true, env = "WIPROXY_MAX_CONNECTIONS", default_value_t = 256)]
+    pub max_connections: usize,
+    /// Longest time for a request's headers (and an idle HTTP/1.1 keep-alive) on the proxy
+    /// ports, in seconds.
+    #[arg(long, global = true, env = "WIPROXY_HEADER_TIMEOUT", default_value_t = 60)]
+    pub header_timeout: u64,
+    /// Longest wait for the next piece of a request body, in seconds; past it the app gets 408.
+    #[arg(long, global = true, env = "WIPROXY_BODY_TIMEOUT", default_value_t = 60)]
+    pub body_timeout: u64,
+    /// A proxy connection with no request in flight for this long is closed, in seconds.
+    #[arg(long, global = true, env = "WIPROXY_IDLE_TIMEOUT", default_value_t = 300)]
+    pub idle_timeout: u64,
+    /// Memory shared by the request bodies kept to send again after a token refusal, in KiB;
+    /// a body that does not fit streams through once, without that retry.
+    #[arg(long, global = true, env = "WIPROXY_RETRY_BUFFER_KIB", default_value_t = 8192)]
+    pub retry_buffer_kib: u64,
     /// Log filter: a level, or targets such as "info,wiproxy_sidecar=debug".
     #[arg(long, global = true, env = "WIPROXY_LOG", default_value = "info")]
     pub log: String,
@@ -102,6 +124,9 @@ pub enum ConfigError {
     Client(#[from] ClientError),
 }
 
+/// Largest request head on the proxy ports: room for large cookies and several tokens.
+const PROXY_HEADER_BYTES: usize = 128 * 1024;
+
 /// The checked configuration the proxy runs with.
 pub struct Config {
     pub upstreams: Vec<Upstream>,
@@ -114,6 +139,11 @@ pub struct Config {
     pub pins: Pins,
     pub token_wait: Duration,
     pub upstream_timeout: Option<Duration>,
+    pub connect_timeout: Duration,
+    /// The proxy port's and upstream ports' connection policy (one cap for all of them).
+    pub connections: wiproxy_common::serve::ConnectionPolicy,
+    /// Bytes of request bodies kept for a retry, across all requests.
+    pub retry_buffer_bytes: usize,
 }
 
 impl Settings {
@@ -144,6 +174,15 @@ impl Settings {
             pins: Pins::parse(&self.resolve)?,
             token_wait: Duration::from_secs(self.token_wait),
             upstream_timeout: (self.upstream_timeout > 0).then(|| Duration::from_secs(self.upstream_timeout)),
+            connect_timeout: Duration::from_secs(self.connect_timeout.max(1)),
+            connections: wiproxy_common::serve::ConnectionPolicy::new("proxy", self.max_connections)
+                .header_timeout(Duration::from_secs(self.header_timeout.max(1)))
+                .body_timeout(Duration::from_secs(self.body_timeout.max(1)))
+                .idle_timeout(Duration::from_secs(self.idle_timeout.max(1)))
+                .max_header_bytes(PROXY_HEADER_BYTES)
+                .max_headers(200)
+                .max_streams(256),
+            retry_buffer_bytes: usize::try_from(self.retry_buffer_kib.saturating_mul(1024)).unwrap_or(usize::MAX),
         })
     }
 }

@@ -22,8 +22,6 @@ use tokio::net::TcpStream;
 
 use crate::body::{Body, BoxError};
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// `HOST=IP[:PORT]` pins, as curl's `--resolve`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Pins(HashMap<String, (std::net::IpAddr, Option<u16>)>);
@@ -114,7 +112,49 @@ pub fn tls_config(extra_ca_file: Option<&Path>) -> Result<rustls::ClientConfig, 
     Ok(rustls::ClientConfig::builder().with_root_certificates(roots).with_no_client_auth())
 }
 
-pub type HttpsClient = Client<HttpsConnector<PinnedConnector>, Body>;
+/// A connector whose connections, TCP connect and TLS handshake together, complete within a
+/// limit, whatever the request timeout: an upstream that accepts TCP and never finishes TLS
+/// ends in a `TimedOut` error (504), not a request that hangs. hyper-util's `HttpConnector`
+/// times out the TCP connect only.
+#[derive(Clone)]
+pub struct TimedConnector<C> {
+    inner: C,
+    limit: Duration,
+}
+
+impl<C> tower_service::Service<Uri> for TimedConnector<C>
+where
+    C: tower_service::Service<Uri> + Send,
+    C::Future: Send + 'static,
+    C::Error: Into<BoxError>,
+{
+    type Response = C::Response;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<C::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let connecting = self.inner.call(uri);
+        let limit = self.limit;
+        Box::pin(async move {
+            match tokio::time::timeout(limit, connecting).await {
+                Ok(connected) => connected.map_err(Into::into),
+                Err(_) => Err(Box::new(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!(
+                        "no connection with TLS established within {} s (WIPROXY_CONNECT_TIMEOUT)",
+                        limit.as_secs()
+                    ),
+                )) as BoxError),
+            }
+        })
+    }
+}
+
+pub type HttpsClient = Client<TimedConnector<HttpsConnector<PinnedConnector>>, Body>;
 
 /// The pooled clients: one that negotiates h2 or HTTP/1.1, one that speaks HTTP/1.1 only (for
 /// upgrades such as WebSocket, which need an HTTP/1.1 connection end to end).
@@ -125,10 +165,11 @@ pub struct Clients {
 }
 
 impl Clients {
-    pub fn new(tls: rustls::ClientConfig, pins: Pins) -> Self {
+    /// `connect_timeout` bounds each new connection: TCP connect and TLS handshake together.
+    pub fn new(tls: rustls::ClientConfig, pins: Pins, connect_timeout: Duration) -> Self {
         let mut inner = HttpConnector::new();
         inner.enforce_http(false);
-        inner.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        inner.set_connect_timeout(Some(connect_timeout));
         inner.set_nodelay(true);
         let connector = PinnedConnector { inner, pins: Arc::new(pins) };
         let any = HttpsConnectorBuilder::new()
@@ -139,11 +180,11 @@ impl Clients {
             .wrap_connector(connector.clone());
         let http1 =
             HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http().enable_http1().wrap_connector(connector);
-        let build = |connector| {
+        let build = |inner| {
             Client::builder(TokioExecutor::new())
                 .pool_idle_timeout(Duration::from_secs(90))
                 .pool_max_idle_per_host(64)
-                .build(connector)
+                .build(TimedConnector { inner, limit: connect_timeout })
         };
         Self { any: build(any), http1: build(http1) }
     }

@@ -17,11 +17,11 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::body::Incoming;
 use hyper::service::service_fn;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::info;
+use wiproxy_common::serve::{ConnectionPolicy, RequestBody};
 
 use crate::admin::Admin;
 use crate::body::Body;
@@ -44,7 +44,7 @@ pub enum RunError {
 /// Runs the proxy and the admin server until `shutdown` turns true.
 pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), RunError> {
     let metrics = Arc::new(Metrics::default());
-    let clients = Clients::new(config.tls, config.pins);
+    let clients = Clients::new(config.tls, config.pins, config.connect_timeout);
     let routes = Routes::new(&config.upstreams, config.token_header, config.listen);
     let source = Arc::new(CredentialSource { credentials: config.credentials.clone(), clients: clients.clone() });
     let audiences = routes.iter().map(|r| r.audience.clone());
@@ -84,20 +84,22 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
         metrics: metrics.clone(),
         token_wait: config.token_wait,
         upstream_timeout: config.upstream_timeout,
+        retry_buffer: crate::proxy::RetryBuffer::new(config.retry_buffer_bytes),
     });
     let admin = Arc::new(Admin { routes, cache, metrics });
-    let mut tasks = vec![tokio::spawn(serve(admin_listener, shutdown.clone(), move |request| {
+    let mut tasks = vec![tokio::spawn(serve(admin_listener, admin::policy(), shutdown.clone(), move |request| {
         let admin = admin.clone();
         async move { admin.handle(request).await }
     }))];
     for (index, listener) in port_listeners {
         let proxy = proxy.clone();
-        tasks.push(tokio::spawn(serve(listener, shutdown.clone(), move |request| {
+        let policy = config.connections.shared("upstream port");
+        tasks.push(tokio::spawn(serve(listener, policy, shutdown.clone(), move |request| {
             let proxy = proxy.clone();
             async move { proxy.handle_port(index, request).await }
         })));
     }
-    serve(proxy_listener, shutdown, move |request| {
+    serve(proxy_listener, config.connections, shutdown, move |request| {
         let proxy = proxy.clone();
         async move { proxy.handle(request).await }
     })
@@ -108,11 +110,11 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
     Ok(())
 }
 
-/// Serves HTTP/1.1 (with upgrades) and h2c on `listener` with `handler`; on shutdown, lets open
-/// requests finish for up to 10 s.
-pub async fn serve<F, Fut>(listener: TcpListener, shutdown: watch::Receiver<bool>, handler: F)
+/// Serves HTTP/1.1 (with upgrades) and h2c on `listener` with `handler` under `policy`; on
+/// shutdown, lets open requests finish for up to 10 s.
+pub async fn serve<F, Fut>(listener: TcpListener, policy: ConnectionPolicy, shutdown: watch::Receiver<bool>, handler: F)
 where
-    F: Fn(hyper::Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    F: Fn(hyper::Request<RequestBody>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = hyper::Response<Body>> + Send + 'static,
 {
     let open = |stream| async move { Some(stream) };
@@ -123,12 +125,12 @@ where
             async move { Ok::<_, std::convert::Infallible>(handler(request).await) }
         })
     };
-    wiproxy_common::serve::serve(listener, shutdown, Duration::from_secs(10), open, service).await;
+    wiproxy_common::serve::serve(listener, policy, shutdown, Duration::from_secs(10), open, service).await;
 }
 
 /// `wiproxy token`: one fetch through the configured credentials, no cache.
 pub async fn print_token(config: &Config, audience: &str) -> Result<Token, FetchError> {
-    let clients = Clients::new(config.tls.clone(), config.pins.clone());
+    let clients = Clients::new(config.tls.clone(), config.pins.clone(), config.connect_timeout);
     let token = config.credentials.fetch(&clients, audience).await?;
     if let Some(expected) = &config.expected_service_account {
         if !token.email.as_deref().is_some_and(|email| email.eq_ignore_ascii_case(expected)) {

@@ -14,6 +14,7 @@ use hyper::body::{Body as _, Frame, Incoming, SizeHint};
 use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tracing::{debug, info, warn};
+use wiproxy_common::serve::{BodyTimeout, RequestBody};
 use wiproxy_common::TokenHeader;
 
 use crate::body::{empty, full, is_grpc, Body, BoxError, Failure};
@@ -23,9 +24,47 @@ use crate::metrics::Metrics;
 use crate::routes::{Destination, Route, Routes, Via};
 use crate::token::Token;
 
-/// Bodies up to this size are kept so the request can be sent again after an upstream 401;
-/// larger ones stream through once.
+/// Bodies up to this size are kept so the request can be sent again after an upstream 401,
+/// while the shared [`RetryBuffer`] has room; larger ones stream through once.
 const REPLAYABLE_BODY: u64 = 1024 * 1024;
+
+/// The memory all kept bodies share. A body is kept only when its whole declared size fits in
+/// what is left; otherwise it streams through once and loses the retry, so concurrent large
+/// requests cannot grow the sidecar past its memory limit.
+pub struct RetryBuffer {
+    left: std::sync::atomic::AtomicUsize,
+}
+
+/// Bytes taken from the [`RetryBuffer`], given back on drop.
+struct Reserved {
+    buffer: Arc<RetryBuffer>,
+    bytes: usize,
+}
+
+impl RetryBuffer {
+    pub fn new(bytes: usize) -> Arc<Self> {
+        Arc::new(Self { left: std::sync::atomic::AtomicUsize::new(bytes) })
+    }
+
+    fn reserve(self: &Arc<Self>, bytes: usize) -> Option<Reserved> {
+        use std::sync::atomic::Ordering;
+        self.left
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| left.checked_sub(bytes))
+            .ok()
+            .map(|_| Reserved { buffer: self.clone(), bytes })
+    }
+
+    /// Bytes not kept by any request now.
+    pub fn available(&self) -> usize {
+        self.left.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        self.buffer.left.fetch_add(self.bytes, std::sync::atomic::Ordering::AcqRel);
+    }
+}
 
 static X_FORWARDED_AUTHORIZATION: HeaderName = HeaderName::from_static("x-forwarded-authorization");
 static X_SERVERLESS_AUTHORIZATION: HeaderName = HeaderName::from_static("x-serverless-authorization");
@@ -39,6 +78,8 @@ pub struct Proxy {
     pub token_wait: Duration,
     /// Longest wait for the upstream's response headers.
     pub upstream_timeout: Option<Duration>,
+    /// Memory for bodies kept for a retry.
+    pub retry_buffer: Arc<RetryBuffer>,
 }
 
 /// Connection-level headers that are never forwarded (RFC 9110 §7.6.1), plus any the
@@ -90,7 +131,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 /// connection is TLS, where h2 comes by ALPN, and a tunnel would carry the app's next requests
 /// to the upstream with no token; such a request is answered over HTTP/1.1 (RFC 9113 §3.1 lets a
 /// server ignore it).
-fn is_upgrade(request: &Request<Incoming>) -> bool {
+fn is_upgrade(request: &Request<RequestBody>) -> bool {
     let protocols = request.headers().get_all(header::UPGRADE).iter().filter_map(|v| v.to_str().ok());
     let wanted = protocols.flat_map(|v| v.split(',')).any(|p| {
         let p = p.trim();
@@ -129,8 +170,9 @@ fn set_token(headers: &mut HeaderMap, mode: TokenHeader, token: &Token) -> Resul
 /// The outbound body: kept in memory (with its trailers) when small enough to send twice, else
 /// streamed once.
 enum OutBody {
-    Replayable(Bytes, Option<HeaderMap>),
-    Streaming(Incoming),
+    /// The body, its trailers, and its share of the retry buffer.
+    Replayable(Bytes, Option<HeaderMap>, Option<Arc<Reserved>>),
+    Streaming(RequestBody),
 }
 
 /// How many times a request the upstream never processed (streams above a GOAWAY's
@@ -139,13 +181,13 @@ const UNPROCESSED_RETRIES: u32 = 3;
 
 impl Proxy {
     /// A request on the proxy port.
-    pub async fn handle(self: Arc<Self>, request: Request<Incoming>) -> Response<Body> {
+    pub async fn handle(self: Arc<Self>, request: Request<RequestBody>) -> Response<Body> {
         let destination = self.routes.resolve(request.method(), request.version(), request.uri());
         self.answer(destination, request).await
     }
 
     /// A request on upstream `index`'s own port (`listen=PORT`).
-    pub async fn handle_port(self: Arc<Self>, index: usize, request: Request<Incoming>) -> Response<Body> {
+    pub async fn handle_port(self: Arc<Self>, index: usize, request: Request<RequestBody>) -> Response<Body> {
         let destination = self.routes.dedicated(index, request.method(), request.uri());
         self.answer(destination, request).await
     }
@@ -153,7 +195,7 @@ impl Proxy {
     async fn answer(
         &self,
         destination: Result<Destination, crate::routes::Refusal>,
-        request: Request<Incoming>,
+        request: Request<RequestBody>,
     ) -> Response<Body> {
         let started = Instant::now();
         let (method, path) = (request.method().clone(), request.uri().path().to_owned());
@@ -165,7 +207,14 @@ impl Proxy {
             }
             Ok(Destination::Token { index }) => {
                 let route = self.routes.get(index);
-                (Some(route.name.clone()), self.token(route).await)
+                let answered = match crate::routes::token_request_refusal(request.headers()) {
+                    Some(refusal) => {
+                        info!(%method, path, status = refusal.status.as_u16(), reason = %refusal.message, "refused");
+                        Err(Failure::new(refusal.status, json!({"error": refusal.message})))
+                    }
+                    None => self.token(route).await,
+                };
+                (Some(route.name.clone()), answered)
             }
             Ok(Destination::Upstream { index, uri: target, via }) => {
                 let route = self.routes.get(index).clone();
@@ -209,7 +258,7 @@ impl Proxy {
         &self,
         route: &Route,
         target: http::Uri,
-        mut request: Request<Incoming>,
+        mut request: Request<RequestBody>,
     ) -> Result<Response<Body>, Failure> {
         let upgrade = is_upgrade(&request);
         let inbound_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
@@ -220,24 +269,31 @@ impl Proxy {
         parts.uri = target;
         parts.version = Version::HTTP_11;
 
-        let mut body = if body.size_hint().upper().is_some_and(|upper| upper <= REPLAYABLE_BODY) {
-            match Limited::new(body, REPLAYABLE_BODY as usize).collect().await {
+        // Kept for a retry when small, declared, and the shared buffer has room for it.
+        let reserved = body
+            .size_hint()
+            .upper()
+            .filter(|upper| *upper <= REPLAYABLE_BODY)
+            .and_then(|upper| self.retry_buffer.reserve(upper as usize));
+        let mut body = match reserved {
+            Some(reserved) => match Limited::new(body, REPLAYABLE_BODY as usize).collect().await {
                 Ok(collected) => {
                     let trailers = collected.trailers().cloned();
-                    OutBody::Replayable(collected.to_bytes(), trailers)
+                    OutBody::Replayable(collected.to_bytes(), trailers, Some(Arc::new(reserved)))
                 }
+                Err(e) if BodyTimeout::is_cause_of(e.as_ref()) => return Err(body_timeout(route, e.as_ref())),
                 Err(e) => {
                     return Err(Failure::new(
                         StatusCode::BAD_REQUEST,
                         json!({"error": format!("cannot read the request body: {e}"), "upstream": route.name}),
                     ))
                 }
-            }
-        } else {
-            OutBody::Streaming(body)
+            },
+            None => OutBody::Streaming(body),
         };
 
         let client = if upgrade { &self.clients.http1 } else { &self.clients.any };
+        let body_stalled = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut refused_once = false;
         let mut unprocessed = 0;
         loop {
@@ -248,16 +304,27 @@ impl Proxy {
                     json!({"error": "the token is not a valid header value", "upstream": route.name}),
                 ));
             }
-            let (out_body, replay) = match std::mem::replace(&mut body, OutBody::Replayable(Bytes::new(), None)) {
-                OutBody::Replayable(bytes, trailers) => {
-                    body = OutBody::Replayable(bytes.clone(), trailers.clone());
+            let (out_body, replay) = match std::mem::replace(&mut body, OutBody::Replayable(Bytes::new(), None, None)) {
+                OutBody::Replayable(bytes, trailers, reserved) => {
+                    body = OutBody::Replayable(bytes.clone(), trailers.clone(), reserved);
                     let out = match trailers {
                         Some(trailers) => full(bytes).with_trailers(async move { Some(Ok(trailers)) }).boxed(),
                         None => full(bytes),
                     };
                     (out, true)
                 }
-                OutBody::Streaming(incoming) => (incoming.map_err(BoxError::from).boxed(), false),
+                OutBody::Streaming(incoming) => {
+                    // The upstream's error may not carry the body's cause (an h2 stream is
+                    // reset), so a stall is noted here to answer 408 rather than 502.
+                    let stalled = body_stalled.clone();
+                    let body = incoming.map_err(move |e| {
+                        if BodyTimeout::is_cause_of(e.as_ref()) {
+                            stalled.store(true, std::sync::atomic::Ordering::Release);
+                        }
+                        e
+                    });
+                    (body.boxed(), false)
+                }
             };
             let mut outbound = Request::new(out_body);
             *outbound.method_mut() = parts.method.clone();
@@ -279,6 +346,9 @@ impl Proxy {
                     unprocessed += 1;
                     debug!(upstream = %route.name, error = %wiproxy_common::error_chain(&e), "the upstream did not process the request; sending it again");
                     continue;
+                }
+                Err(e) if BodyTimeout::is_cause_of(&e) || body_stalled.load(std::sync::atomic::Ordering::Acquire) => {
+                    return Err(body_timeout(route, &e))
                 }
                 Err(e) => return Err(upstream_error(route, &e)),
             };
@@ -428,6 +498,15 @@ fn no_token(route: &Route, reason: &str) -> Failure {
     Failure::new(
         StatusCode::SERVICE_UNAVAILABLE,
         json!({"error": "no token for this upstream; the request was not sent", "upstream": route.name, "reason": reason}),
+    )
+}
+
+fn body_timeout(route: &Route, error: &(dyn std::error::Error + 'static)) -> Failure {
+    let reason = wiproxy_common::error_chain(error);
+    info!(upstream = %route.name, error = %reason, "request body stalled");
+    Failure::new(
+        StatusCode::REQUEST_TIMEOUT,
+        json!({"error": "the request body stopped arriving (WIPROXY_BODY_TIMEOUT)", "upstream": route.name, "reason": reason}),
     )
 }
 

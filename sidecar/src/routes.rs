@@ -178,6 +178,14 @@ impl Routes {
             ));
         }
         let rest = uri.path();
+        // `OPTIONS *` (asterisk form) would be appended to the URL's path as `/orders*`,
+        // outside it: only paths are forwarded.
+        if !rest.starts_with('/') {
+            return Err(refuse(
+                StatusCode::BAD_REQUEST,
+                format!("this port forwards paths to {}; the request target must start with '/'", route.name),
+            ));
+        }
         check_dot_segments(rest)?;
         let path = format!("{}{rest}", route.base_path);
         Ok(Destination::Upstream { index, uri: target(route, &path, uri.query())?, via: Via::Port })
@@ -293,26 +301,134 @@ fn target(route: &Route, path: &str, query: Option<&str>) -> Result<Uri, Refusal
         .map_err(|e| refuse(StatusCode::BAD_REQUEST, format!("cannot build the upstream URL: {e}")))
 }
 
-/// Refuses a path whose dot-segments (`..`, `%2e%2e`, …) would climb above its start.
-fn check_dot_segments(rest: &str) -> Result<(), Refusal> {
-    let mut depth = 0i32;
-    for segment in rest.split('/').filter(|s| !s.is_empty()) {
-        let decoded = segment.replace("%2e", ".").replace("%2E", ".");
-        match decoded.as_str() {
-            "." => {}
+/// The header a request for `/_wiproxy/token` must carry, with the value `true`; like the
+/// metadata server's `Metadata-Flavor: Google`, a request-forgery bug that makes the app fetch a
+/// URL cannot add it.
+pub const TOKEN_REQUEST_HEADER: &str = "x-wiproxy-token-request";
+
+/// Why a request for `/_wiproxy/token` is refused, if it is: it lacks
+/// `X-Wiproxy-Token-Request: true`, or it carries `X-Forwarded-For` or `Forwarded` (it came
+/// through another proxy, so not from the app itself; the metadata server refuses those too).
+pub fn token_request_refusal(headers: &http::HeaderMap) -> Option<Refusal> {
+    if headers.contains_key("x-forwarded-for") || headers.contains_key(http::header::FORWARDED) {
+        return Some(refuse(
+            StatusCode::FORBIDDEN,
+            format!(
+                "{TOKEN_PATH} refuses forwarded requests (X-Forwarded-For or Forwarded): call it from the app itself"
+            ),
+        ));
+    }
+    let asked = headers
+        .get_all(TOKEN_REQUEST_HEADER)
+        .iter()
+        .any(|v| v.to_str().is_ok_and(|v| v.trim().eq_ignore_ascii_case("true")));
+    (!asked).then(|| {
+        refuse(StatusCode::FORBIDDEN, format!("{TOKEN_PATH} needs the header \"X-Wiproxy-Token-Request: true\""))
+    })
+}
+
+/// Refuses a path that would climb above its start under any reading a server might apply:
+/// dot-segments plain or percent-encoded (even twice), `/`, `\`, `%2F` or `%5C` taken as
+/// separators or not, `;` parameters stripped or not. Nothing is rewritten: a path that passes
+/// is forwarded byte for byte, so `a%2Fb` object names still reach the upstream as written.
+pub fn check_dot_segments(rest: &str) -> Result<(), Refusal> {
+    if climbs_out(rest) {
+        return Err(refuse(
+            StatusCode::BAD_REQUEST,
+            "the path climbs out of the upstream's path with '..' (plain, percent-encoded, or with '\\', '%2F', '%5C' or ';'): remove the dot-segments",
+        ));
+    }
+    Ok(())
+}
+
+/// Whether some reading of `path` climbs above its start. Each reading splits on `/` and,
+/// depending on the reading, on `\` and on the encoded separators, strips `;` parameters or
+/// not, and decodes each segment before comparing it with `.` and `..`. Empty segments never
+/// count as a level (a server that merges slashes reads them so).
+pub fn climbs_out(path: &str) -> bool {
+    // Quick exit: without a dot, plain or encoded (`%2e`, or `%252e` and deeper), no reading
+    // has a dot-segment.
+    if !path.contains('.') && !path.contains('%') {
+        return false;
+    }
+    for reading in 0u8..16 {
+        let backslash = reading & 1 != 0;
+        let encoded = reading & 2 != 0;
+        let params = reading & 4 != 0;
+        let decode_first = reading & 8 != 0;
+        if climbs_out_as(path, backslash, encoded, params, decode_first) {
+            return true;
+        }
+    }
+    false
+}
+
+fn climbs_out_as(path: &str, backslash: bool, encoded: bool, params: bool, decode_first: bool) -> bool {
+    // Encoded separators are made plain first when this reading takes them as separators
+    // (repeatedly, for a server that decodes more than once).
+    let mut text = path.to_owned();
+    if encoded {
+        loop {
+            let next = replace_ignore_case(&replace_ignore_case(&text, "%2f", "/"), "%5c", "\\");
+            let next = replace_ignore_case(&next, "%25", "%");
+            if next == text {
+                break;
+            }
+            text = next;
+        }
+    }
+    let mut depth: i64 = 0;
+    let separators = |c: char| c == '/' || (backslash && c == '\\');
+    for segment in text.split(separators) {
+        let mut segment = if decode_first { percent_decode(segment) } else { segment.to_owned() };
+        if params {
+            if let Some(at) = segment.find(';') {
+                segment.truncate(at);
+            }
+        }
+        let segment = percent_decode(&segment);
+        match segment.as_str() {
+            "" | "." => {}
             ".." => {
                 depth -= 1;
                 if depth < 0 {
-                    return Err(refuse(
-                        StatusCode::BAD_REQUEST,
-                        "the path climbs out of the upstream's path with '..': remove the dot-segments",
-                    ));
+                    return true;
                 }
             }
             _ => depth += 1,
         }
     }
-    Ok(())
+    false
+}
+
+fn replace_ignore_case(text: &str, from: &str, to: &str) -> String {
+    let lower = text.to_ascii_lowercase();
+    let mut out = String::with_capacity(text.len());
+    let mut at = 0;
+    while let Some(found) = lower[at..].find(from) {
+        out.push_str(&text[at..at + found]);
+        out.push_str(to);
+        at += found + from.len();
+    }
+    out.push_str(&text[at..]);
+    out
+}
+
+/// Percent-decodes until nothing changes (a server may decode twice), lossily: only the
+/// comparison with `.` and `..` reads the result.
+fn percent_decode(segment: &str) -> String {
+    let mut text = segment.to_owned();
+    for _ in 0..4 {
+        if !text.contains('%') {
+            break;
+        }
+        let next = percent_encoding::percent_decode_str(&text).decode_utf8_lossy().into_owned();
+        if next == text {
+            break;
+        }
+        text = next;
+    }
+    text
 }
 
 #[cfg(test)]
@@ -361,17 +477,75 @@ mod tests {
         assert_eq!(resolve(Method::GET, "/_wiproxy/token?upstream=nope"), Err(StatusCode::NOT_FOUND));
     }
 
+    /// Every way of climbing out the sidecar was shown to let through, in origin form, absolute
+    /// form and on an upstream's own port.
+    const ESCAPES: &[&str] = &[
+        "/..",
+        "/../admin",
+        "/a/../../x",
+        "/%2e%2e/x",
+        "/%2E./x",
+        "/.%2e",
+        "/..%2fadmin",
+        "/..%2Fadmin",
+        "/%2e%2e%2fadmin",
+        "/..\\admin",
+        "/..%5cadmin",
+        "/..%5Cadmin",
+        "/..;/admin",
+        "/..;jsessionid=1/admin",
+        "/%252e%252e/admin",
+        "/a%2f..%2f..%2fadmin",
+        "/x%2Fy/../..",
+        "/a/..%3Bx/..",
+    ];
+
     #[test]
-    fn dot_segments_cannot_climb_out() {
-        for uri in [
-            "/orders/..",
-            "/orders/../admin",
-            "/orders/a/../../x",
-            "/orders/%2e%2e/x",
-            "/orders/%2E./x",
-            "/orders/.%2e",
+    fn no_reading_of_the_path_climbs_out() {
+        for escape in ESCAPES {
+            let origin = format!("/orders{escape}");
+            assert_eq!(resolve(Method::GET, &origin), Err(StatusCode::BAD_REQUEST), "{origin}");
+            let absolute = format!("http://fn.example.com/orders{escape}");
+            assert_eq!(resolve(Method::GET, &absolute), Err(StatusCode::BAD_REQUEST), "{absolute}");
+            let routes = routes();
+            let fnport = routes.iter().position(|r| r.name == "fnport").expect("fnport");
+            let refused = routes.dedicated(fnport, &Method::GET, &escape.parse().expect("uri"));
+            assert_eq!(refused.map_err(|r| r.status), Err(StatusCode::BAD_REQUEST), "port: {escape}");
+        }
+    }
+
+    #[test]
+    fn other_encoded_bytes_pass_through_unchanged() {
+        let ok = |uri: &str, target: &str| {
+            assert_eq!(resolve(Method::GET, uri), Ok(("orders".to_owned(), target.to_owned())), "{uri}");
+        };
+        ok("/orders/bucket/a%2Fb", "https://fn.example.com/orders/bucket/a%2Fb");
+        ok("/orders/a%20b/c%5Cd", "https://fn.example.com/orders/a%20b/c%5Cd");
+        ok("/orders/..a/b..", "https://fn.example.com/orders/..a/b..");
+        ok("/orders/a/b/../c", "https://fn.example.com/orders/a/b/../c");
+        ok("/orders/v1;x=1/items", "https://fn.example.com/orders/v1;x=1/items");
+        ok("/orders/%2e%2e%2e", "https://fn.example.com/orders/%2e%2e%2e");
+    }
+
+    #[test]
+    fn the_token_endpoint_wants_its_header_and_no_forwarding() {
+        let headers = |pairs: &[(&'static str, &'static str)]| {
+            let mut map = http::HeaderMap::new();
+            for (name, value) in pairs {
+                map.append(*name, http::HeaderValue::from_static(value));
+            }
+            map
+        };
+        assert_eq!(token_request_refusal(&headers(&[(TOKEN_REQUEST_HEADER, "true")])), None);
+        assert_eq!(token_request_refusal(&headers(&[(TOKEN_REQUEST_HEADER, "True")])), None);
+        for refused in [
+            headers(&[]),
+            headers(&[(TOKEN_REQUEST_HEADER, "yes")]),
+            headers(&[(TOKEN_REQUEST_HEADER, "true"), ("x-forwarded-for", "10.0.0.1")]),
+            headers(&[(TOKEN_REQUEST_HEADER, "true"), ("forwarded", "for=10.0.0.1")]),
         ] {
-            assert_eq!(resolve(Method::GET, uri), Err(StatusCode::BAD_REQUEST), "{uri}");
+            let refusal = token_request_refusal(&refused).expect("refused");
+            assert_eq!(refusal.status, StatusCode::FORBIDDEN, "{refused:?}");
         }
     }
 
@@ -444,6 +618,7 @@ mod tests {
         );
         assert_eq!(to(fnport, "/items?a=1"), Ok("https://fn.example.com/orders/v3/items?a=1".into()));
         assert_eq!(to(fnport, "/../x"), Err(StatusCode::BAD_REQUEST));
+        assert_eq!(to(fnport, "*"), Err(StatusCode::BAD_REQUEST));
     }
 
     #[test]
@@ -498,6 +673,90 @@ mod tests {
                 expected,
                 "{from} {location} {via:?}"
             );
+        }
+    }
+
+    /// The routing invariant, on paths built from the pieces escapes are made of: whatever is
+    /// forwarded lies under its upstream's URL, and no reading of the rest climbs out.
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn piece() -> impl Strategy<Value = &'static str> {
+            prop::sample::select(vec![
+                "/", "..", ".", "%2e", "%2E", "%2f", "%2F", "\\", "%5c", "%5C", ";", ";x=1", "a", "b%20", "%25",
+                "%252e", "orders", "v2", "?", "q=1",
+            ])
+        }
+
+        fn path() -> impl Strategy<Value = String> {
+            prop::collection::vec(piece(), 0..12).prop_map(|pieces| pieces.concat())
+        }
+
+        /// RFC 3986's reading of the decoded path: whether it stays at or below its start.
+        fn stays_inside(path: &str) -> bool {
+            let decoded = percent_encoding::percent_decode_str(path).decode_utf8_lossy().into_owned();
+            let mut depth = 0i64;
+            for segment in decoded.split('/') {
+                match segment {
+                    "" | "." => {}
+                    ".." => {
+                        depth -= 1;
+                        if depth < 0 {
+                            return false;
+                        }
+                    }
+                    _ => depth += 1,
+                }
+            }
+            true
+        }
+
+        fn check(routes: &Routes, destination: Destination) -> Result<(), TestCaseError> {
+            let Destination::Upstream { index, uri, .. } = destination else { return Ok(()) };
+            let route = routes.get(index);
+            prop_assert_eq!(uri.scheme_str(), Some("https"));
+            prop_assert_eq!(uri.host(), Some(route.host.as_str()));
+            let rest = uri.path().strip_prefix(route.base_path.as_str());
+            prop_assert!(
+                rest.is_some_and(|rest| rest.is_empty() || rest.starts_with('/')),
+                "{uri} outside {}",
+                route.base_path
+            );
+            let rest = rest.unwrap_or_default();
+            prop_assert!(!climbs_out(rest), "{uri} climbs out");
+            prop_assert!(stays_inside(rest), "{uri} climbs out when decoded");
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn routing_stays_under_the_configured_urls(path in path(), host in prop::sample::select(vec![
+                "", "http://fn.example.com", "http://run.example.com", "http://127.0.0.1:15080", "http://127.0.0.1:15082",
+            ])) {
+                let routes = routes();
+                let target = format!("{host}/{path}");
+                let Ok(uri) = target.parse::<Uri>() else { return Ok(()) };
+                for version in [Version::HTTP_11, Version::HTTP_2] {
+                    if let Ok(destination) = routes.resolve(&Method::GET, version, &uri) {
+                        check(&routes, destination)?;
+                    }
+                }
+                for index in 0..routes.routes.len() {
+                    if let Ok(destination) = routes.dedicated(index, &Method::GET, &uri) {
+                        check(&routes, destination)?;
+                    }
+                }
+            }
+
+            #[test]
+            fn a_path_let_through_stays_inside_when_decoded(path in path()) {
+                if !climbs_out(&path) {
+                    prop_assert!(stays_inside(&path), "{path}");
+                }
+            }
         }
     }
 }

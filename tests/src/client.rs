@@ -52,6 +52,13 @@ impl Http {
         Ok(Reply { status, headers, body })
     }
 
+    /// `GET /_wiproxy/token…` as an app asks for it, with `X-Wiproxy-Token-Request: true`.
+    pub async fn token(&self, url: &str) -> Reply {
+        let request =
+            Request::get(url).header("x-wiproxy-token-request", "true").body(Full::new(Bytes::new())).expect("request");
+        self.send(request).await.unwrap_or_else(|e| panic!("GET {url}: {e}"))
+    }
+
     pub async fn get(&self, url: &str) -> Reply {
         let request = Request::get(url).body(Full::new(Bytes::new())).expect("request");
         self.send(request).await.unwrap_or_else(|e| panic!("GET {url}: {e}"))

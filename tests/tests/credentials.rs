@@ -240,13 +240,13 @@ async fn the_token_endpoint_hands_out_the_upstreams_token() {
     let sidecar = Sidecar::start(&world.env(&format!("fn={FUNCTION_URL},run=https://{RUN_HOST}")));
     let http = Http::new();
     assert_eq!(wait_ready(&http, &sidecar, Duration::from_secs(15)).await.status, StatusCode::OK);
-    let reply = http.get(&sidecar.url("/_wiproxy/token?upstream=run")).await;
+    let reply = http.token(&sidecar.url("/_wiproxy/token?upstream=run")).await;
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(reply.headers["cache-control"], "no-store");
     let claims = world.google.verifier().verify(reply.text().trim()).expect("a signed token");
     assert_eq!(claims["aud"], format!("https://{RUN_HOST}"));
     assert_eq!(claims["email"], GSA);
-    assert_eq!(http.get(&sidecar.url("/_wiproxy/token?upstream=other")).await.status, StatusCode::NOT_FOUND);
+    assert_eq!(http.token(&sidecar.url("/_wiproxy/token?upstream=other")).await.status, StatusCode::NOT_FOUND);
     sidecar.assert_log_free_of(&world.google.minted());
 }
 

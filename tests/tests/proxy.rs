@@ -166,7 +166,7 @@ async fn metadata_outage_serves_the_cache_then_fails_closed_then_recovers() {
     let http = Http::new();
     let ready = wait_ready(&http, &sidecar, READY).await;
     assert_eq!(ready.status, StatusCode::OK);
-    let token = http.get(&sidecar.url("/_wiproxy/token?upstream=fn")).await.text();
+    let token = http.token(&sidecar.url("/_wiproxy/token?upstream=fn")).await.text();
     let claims = world.google.verifier().verify(&token).expect("a real token");
     let exp = claims["exp"].as_u64().expect("exp");
     world.google.set_failure(Some((503, "backend unavailable")));
@@ -234,7 +234,7 @@ async fn a_token_for_another_service_account_is_never_used() {
     assert_eq!(readyz.status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(readyz.text().contains(GSA) && readyz.text().contains("someone-else"), "{}", readyz.text());
     assert_eq!(http.get(&sidecar.url("/fn/x")).await.status, StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(http.get(&sidecar.url("/_wiproxy/token?upstream=fn")).await.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(http.token(&sidecar.url("/_wiproxy/token?upstream=fn")).await.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(world.function.requests(), 0);
 }
 

@@ -180,6 +180,8 @@ pub struct ServeArgs {
     #[arg(long, env = "WIPROXY_WEBHOOK_DRAIN_TIMEOUT", value_name = "SECONDS", default_value_t = 20)]
     pub drain_timeout: u64,
     #[command(flatten)]
+    pub connections: crate::server::ConnectionArgs,
+    #[command(flatten)]
     pub shared: SharedArgs,
 }
 

@@ -72,6 +72,7 @@ async fn serve_async(args: ServeArgs) -> anyhow::Result<()> {
         certificate: started.certificate,
         tls_reload_interval: args.tls_reload_interval(),
         drain_timeout: args.drain_timeout(),
+        connections: args.connections.clone(),
         webhook: started.webhook,
     };
     server::run(config, started.synced).await

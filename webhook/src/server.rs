@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tracing::field::Empty;
 use tracing::{debug, info, info_span, warn, Instrument};
+use wiproxy_common::serve::ConnectionPolicy;
 
 use crate::admission;
 use crate::metrics::Metrics;
@@ -27,7 +28,64 @@ use crate::Webhook;
 /// Largest review body accepted. Kubernetes objects stay under 1.5 MiB; a review may carry the
 /// object twice (object and oldObject).
 pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How the admission port and the admin port treat their connections (see docs/webhook.md,
+/// "Connection limits"). Every value is a flag, with env `WIPROXY_WEBHOOK_<FLAG>`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConnectionArgs {
+    /// Connections the admission port serves at once; more wait in the kernel's backlog.
+    #[arg(long, env = "WIPROXY_WEBHOOK_MAX_CONNECTIONS", value_name = "N", default_value_t = 512)]
+    pub max_connections: usize,
+    /// Longest time for a TLS handshake or a request's headers (and an idle HTTP/1.1
+    /// keep-alive), in seconds.
+    #[arg(long, env = "WIPROXY_WEBHOOK_HEADER_TIMEOUT", value_name = "SECONDS", default_value_t = 10)]
+    pub header_timeout: u64,
+    /// Longest time to receive a review's whole body, in seconds; past it the answer is 408.
+    #[arg(long, env = "WIPROXY_WEBHOOK_BODY_TIMEOUT", value_name = "SECONDS", default_value_t = 10)]
+    pub body_timeout: u64,
+    /// A connection with no review in flight for this long is closed, in seconds.
+    #[arg(long, env = "WIPROXY_WEBHOOK_IDLE_TIMEOUT", value_name = "SECONDS", default_value_t = 60)]
+    pub idle_timeout: u64,
+}
+
+impl Default for ConnectionArgs {
+    fn default() -> Self {
+        Self { max_connections: 512, header_timeout: 10, body_timeout: 10, idle_timeout: 60 }
+    }
+}
+
+/// Largest request head on the admission port: the API server sends a few short headers.
+const ADMISSION_HEADER_BYTES: usize = 64 * 1024;
+/// The admin port (kubelet probes, Prometheus): a small cap and small heads of its own, so
+/// nothing on it can take resources from the admission port.
+const ADMIN_CONNECTIONS: usize = 32;
+const ADMIN_HEADER_BYTES: usize = 16 * 1024;
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
+const ADMIN_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl ConnectionArgs {
+    /// The admission port's policy.
+    pub fn admission(&self) -> ConnectionPolicy {
+        ConnectionPolicy::new("admission", self.max_connections)
+            .header_timeout(Duration::from_secs(self.header_timeout.max(1)))
+            .body_timeout(Duration::from_secs(self.body_timeout.max(1)))
+            .idle_timeout(Duration::from_secs(self.idle_timeout.max(1)))
+            .max_header_bytes(ADMISSION_HEADER_BYTES)
+            .max_headers(100)
+            .max_streams(100)
+    }
+
+    /// The admin port's policy: fixed, small.
+    pub fn admin(&self) -> ConnectionPolicy {
+        ConnectionPolicy::new("admin", ADMIN_CONNECTIONS)
+            .header_timeout(ADMIN_TIMEOUT)
+            .body_timeout(ADMIN_TIMEOUT)
+            .idle_timeout(ADMIN_IDLE_TIMEOUT)
+            .max_header_bytes(ADMIN_HEADER_BYTES)
+            .max_headers(64)
+            .max_streams(8)
+    }
+}
 
 #[derive(Clone)]
 pub struct AppState {
@@ -38,6 +96,8 @@ pub struct AppState {
     /// Set once the policies and the cluster state have been read (at once from files).
     pub synced: Arc<AtomicBool>,
     pub max_body_bytes: usize,
+    /// Longest time to receive a whole review body.
+    pub body_timeout: Duration,
 }
 
 impl AppState {
@@ -48,6 +108,7 @@ impl AppState {
             draining: Arc::new(AtomicBool::new(false)),
             synced: Arc::new(AtomicBool::new(true)),
             max_body_bytes: MAX_BODY_BYTES,
+            body_timeout: Duration::from_secs(ConnectionArgs::default().body_timeout),
         }
     }
 }
@@ -83,9 +144,27 @@ async fn not_found() -> Response {
 
 async fn handle(State(state): State<AppState>, request: Request, endpoint: Endpoint) -> Response {
     let started = Instant::now();
-    let body = match axum::body::to_bytes(request.into_body(), state.max_body_bytes).await {
-        Ok(body) => body,
-        Err(e) => {
+    // A declared length past the limit is refused before anything is read.
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|length| length > state.max_body_bytes as u64) {
+        state.metrics.review(endpoint.name(), "error", "body", started.elapsed().as_secs_f64());
+        warn!(limit = state.max_body_bytes, "review body too large");
+        return error(StatusCode::PAYLOAD_TOO_LARGE, format!("body is larger than {} bytes", state.max_body_bytes));
+    }
+    // The whole body within the body timeout: the API server sends it at once, so a body that
+    // trickles in is an attack on the connection cap.
+    let reading = axum::body::to_bytes(request.into_body(), state.max_body_bytes);
+    let body = match tokio::time::timeout(state.body_timeout, reading).await {
+        Ok(Ok(body)) => body,
+        Err(_) => return body_timed_out(&state, endpoint, started),
+        Ok(Err(e)) if wiproxy_common::serve::BodyTimeout::is_cause_of(&e) => {
+            return body_timed_out(&state, endpoint, started)
+        }
+        Ok(Err(e)) => {
             let too_large =
                 std::error::Error::source(&e).is_some_and(|source| source.is::<http_body_util::LengthLimitError>());
             state.metrics.review(endpoint.name(), "error", "body", started.elapsed().as_secs_f64());
@@ -121,6 +200,17 @@ async fn handle(State(state): State<AppState>, request: Request, endpoint: Endpo
     }
 }
 
+fn body_timed_out(state: &AppState, endpoint: Endpoint, started: Instant) -> Response {
+    state.metrics.review(endpoint.name(), "error", "body", started.elapsed().as_secs_f64());
+    warn!(seconds = state.body_timeout.as_secs(), "review body not received in time");
+    let mut response = error(
+        StatusCode::REQUEST_TIMEOUT,
+        format!("the review body did not arrive within {} s (--body-timeout)", state.body_timeout.as_secs()),
+    );
+    response.headers_mut().insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+    response
+}
+
 async fn readyz(State(state): State<AppState>) -> Response {
     if state.draining.load(Ordering::Relaxed) {
         (StatusCode::SERVICE_UNAVAILABLE, "draining\n").into_response()
@@ -137,34 +227,45 @@ async fn metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
-/// Serves `app` over TLS on `listener` until `shutdown` turns true, then lets in-flight
-/// connections finish for up to `drain`.
+/// Serves `app` over TLS on `listener` under `policy` until `shutdown` turns true, then lets
+/// in-flight connections finish for up to `drain`.
 pub async fn serve_tls(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     app: Router,
+    policy: ConnectionPolicy,
     shutdown: watch::Receiver<bool>,
     drain: Duration,
 ) {
     let acceptor = TlsAcceptor::from(tls);
+    // The policy's header timeout bounds the handshake.
     let open = move |stream| {
-        let accepting = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+        let accepting = acceptor.accept(stream);
         async move {
             match accepting.await {
-                Ok(Ok(stream)) => Some(stream),
-                Ok(Err(e)) => {
+                Ok(stream) => Some(stream),
+                Err(e) => {
                     debug!(error = %e, "TLS handshake failed");
-                    None
-                }
-                Err(_) => {
-                    debug!("TLS handshake timed out");
                     None
                 }
             }
         }
     };
     let service = move || TowerToHyperService::new(app.clone());
-    wiproxy_common::serve::serve(listener, shutdown, drain, open, service).await;
+    wiproxy_common::serve::serve(listener, policy, shutdown, drain, open, service).await;
+}
+
+/// Serves `app` in plain HTTP on `listener` under `policy` until `shutdown` turns true.
+pub async fn serve_plain(
+    listener: TcpListener,
+    app: Router,
+    policy: ConnectionPolicy,
+    shutdown: watch::Receiver<bool>,
+    drain: Duration,
+) {
+    let open = |stream| async move { Some(stream) };
+    let service = move || TowerToHyperService::new(app.clone());
+    wiproxy_common::serve::serve(listener, policy, shutdown, drain, open, service).await;
 }
 
 /// Everything `serve` needs, already checked.
@@ -175,6 +276,7 @@ pub struct ServeConfig {
     pub certificate: Arc<ReloadingCertificate>,
     pub tls_reload_interval: Duration,
     pub drain_timeout: Duration,
+    pub connections: ConnectionArgs,
     pub webhook: Webhook,
 }
 
@@ -183,7 +285,8 @@ pub type Synced = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>
 
 /// Runs the webhook until SIGTERM or Ctrl-C.
 pub async fn run(config: ServeConfig, synced: Option<Synced>) -> anyhow::Result<()> {
-    let state = AppState::new(config.webhook);
+    let mut state = AppState::new(config.webhook);
+    state.body_timeout = Duration::from_secs(config.connections.body_timeout.max(1));
     if let Some(synced) = synced {
         state.synced.store(false, Ordering::Relaxed);
         let flag = state.synced.clone();
@@ -224,15 +327,14 @@ pub async fn run(config: ServeConfig, synced: Option<Synced>) -> anyhow::Result<
         let _ = stop.send(true);
     });
 
-    let mut admin_stopped = stopped.clone();
-    let admin_app = admin_router(state.clone());
-    let admin_task = tokio::spawn(async move {
-        let shutdown = async move {
-            let _ = admin_stopped.wait_for(|stop| *stop).await;
-        };
-        axum::serve(admin, admin_app).with_graceful_shutdown(shutdown).await
-    });
-    serve_tls(listener, tls, router(state), stopped, config.drain_timeout).await;
-    admin_task.await??;
+    let admin_task = tokio::spawn(serve_plain(
+        admin,
+        admin_router(state.clone()),
+        config.connections.admin(),
+        stopped.clone(),
+        config.drain_timeout,
+    ));
+    serve_tls(listener, tls, router(state), config.connections.admission(), stopped, config.drain_timeout).await;
+    admin_task.await?;
     Ok(())
 }

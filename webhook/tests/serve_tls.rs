@@ -16,7 +16,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::Value;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
-use wiproxy_webhook::server::{router, serve_tls, AppState};
+use wiproxy_webhook::server::{router, serve_tls, AppState, ConnectionArgs};
 use wiproxy_webhook::tls::ReloadingCertificate;
 
 struct Pki {
@@ -96,14 +96,21 @@ struct Server {
 }
 
 async fn start(certificate: Arc<ReloadingCertificate>) -> Server {
+    start_with(certificate, ConnectionArgs::default()).await
+}
+
+async fn start_with(certificate: Arc<ReloadingCertificate>, connections: ConnectionArgs) -> Server {
     let _ = rustls::crypto::ring::default_provider().install_default();
     certificate.clone().watch(Duration::from_millis(50), |_| {});
     let tls = Arc::new(certificate.server_config());
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind loopback");
     let addr = listener.local_addr().expect("address");
     let (stop, stopped) = watch::channel(false);
-    let app = router(AppState::new(support::webhook()));
-    let task = tokio::spawn(serve_tls(listener, tls, app, stopped, Duration::from_secs(5)));
+    let mut state = AppState::new(support::webhook());
+    state.body_timeout = Duration::from_secs(connections.body_timeout);
+    let app = router(state);
+    let policy = connections.admission();
+    let task = tokio::spawn(serve_tls(listener, tls, app, policy, stopped, Duration::from_secs(5)));
     Server { addr, stop, task }
 }
 
@@ -234,4 +241,58 @@ fn unusable_certificate_files_are_named() {
     std::fs::write(&key, "not a key").expect("write");
     let garbage = ReloadingCertificate::load(&cert, &key).expect_err("garbage").to_string();
     assert!(garbage.contains("tls.crt") && garbage.contains("PEM"), "{garbage}");
+}
+
+/// Writes `head_and_body` over TLS and reads until the server closes (or the hang guard).
+async fn send_raw(addr: std::net::SocketAddr, client: Arc<rustls::ClientConfig>, bytes: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let connector = tokio_rustls::TlsConnector::from(client);
+    let mut tls = connector.connect(ServerName::try_from("localhost").expect("name"), tcp).await.expect("TLS");
+    tls.write_all(bytes).await.expect("write");
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(30), tls.read_to_end(&mut answer)).await;
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn huge_unfinished_and_slow_requests_are_answered_or_closed() {
+    let pki = Pki::new("limits CA");
+    let leaf = pki.leaf();
+    let volume = SecretVolume::new(&[("tls.crt", leaf.cert_pem.as_bytes()), ("tls.key", leaf.key_pem.as_bytes())]);
+    let certificate =
+        Arc::new(ReloadingCertificate::load(&volume.path("tls.crt"), &volume.path("tls.key")).expect("loads"));
+    let connections = ConnectionArgs { max_connections: 8, header_timeout: 1, body_timeout: 1, idle_timeout: 1 };
+    let server = start_with(certificate, connections).await;
+    let head = |length: u64| {
+        format!("POST /mutate HTTP/1.1\r\nHost: wiproxy\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n0123456789")
+    };
+
+    // Content-Length: 10^12 with 10 bytes behind it: refused at once, the body never awaited.
+    let answer = send_raw(server.addr, pki.client_config(), head(1_000_000_000_000).as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    // A body that stops: 408 once the body timeout passes.
+    let answer = send_raw(server.addr, pki.client_config(), head(1000).as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("--body-timeout"), "{answer}");
+    // Headers that never end, and a connection that never sends anything: closed.
+    for partial in [&b"POST /mutate HTTP/1.1\r\nHost: wiproxy\r\nX-Slow: "[..], &b""[..]] {
+        let answer = send_raw(server.addr, pki.client_config(), partial).await;
+        assert!(!answer.contains("200 OK"), "{answer}");
+    }
+    // More connections than the cap, all idle, then they time out and a review is answered.
+    let mut idle = Vec::new();
+    for _ in 0..16 {
+        idle.push(TcpStream::connect(server.addr).await.expect("connect"));
+    }
+    let review = support::review_fixture();
+    let (_, answer) =
+        tokio::time::timeout(Duration::from_secs(60), call(server.addr, pki.client_config(), Some(review.to_string())))
+            .await
+            .expect("answered once the idle connections time out")
+            .expect("TLS call");
+    assert_eq!(answer.expect("answer").0, 200);
+    drop(idle);
+    server.stop.send(true).expect("stop");
+    tokio::time::timeout(Duration::from_secs(10), server.task).await.expect("drains in time").expect("task");
 }

@@ -158,7 +158,7 @@ async fn demo() -> anyhow::Result<()> {
     }
 
     step("The token's non-secret claims (from /_wiproxy/token, signature left out)");
-    let token = http.get(&sidecar.url("/_wiproxy/token?upstream=orders")).await.text();
+    let token = http.token(&sidecar.url("/_wiproxy/token?upstream=orders")).await.text();
     let claims = world.google.verifier().verify(token.trim()).map_err(|e| anyhow!("token: {e}"))?;
     for claim in ["iss", "aud", "email", "email_verified", "iat", "exp"] {
         println!("  {claim}: {}", claims[claim]);

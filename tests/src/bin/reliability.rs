@@ -1,0 +1,580 @@
+//! `make reliability`: the attacks a hostile tenant or a noisy neighbour can make, against the
+//! release binaries on loopback, with the fakes standing in for Google. Prints one table: cases
+//! tried, panics, tokens leaked, peak RSS and connections held per attack, and exits non-zero
+//! when a bound does not hold. Usage: `wiproxy-reliability RELEASE_DIR`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use wiproxy_tests::client::Http;
+use wiproxy_tests::pki::TestCa;
+use wiproxy_tests::sidecar::{free_port, Sidecar};
+use wiproxy_tests::world::{World, FUNCTION_URL};
+
+/// The short timeouts the attacks run under (flags and env), so the run stays within minutes.
+const HEADER_TIMEOUT: u64 = 2;
+const BODY_TIMEOUT: u64 = 2;
+const IDLE_TIMEOUT: u64 = 5;
+const MAX_CONNECTIONS: usize = 512;
+const MIB: f64 = 1024.0 * 1024.0;
+
+struct Row {
+    attack: &'static str,
+    cases: u64,
+    panics: u64,
+    leaked: u64,
+    peak_rss: f64,
+    held: String,
+    verdict: Result<String, String>,
+}
+
+/// A process's memory and file descriptors from /proc.
+struct Proc(u32);
+
+impl Proc {
+    fn status(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.0)).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix(field))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    }
+
+    /// Resets the peak (VmHWM) to the current RSS, so each attack reads its own peak.
+    fn reset_peak(&self) {
+        let _ = std::fs::write(format!("/proc/{}/clear_refs", self.0), "5");
+    }
+
+    fn peak_mib(&self) -> f64 {
+        self.status("VmHWM:") as f64 * 1024.0 / MIB
+    }
+
+    fn fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.0)).map(|d| d.count()).unwrap_or(0)
+    }
+}
+
+/// The webhook, served from files, its log in `log`.
+struct Webhook {
+    child: Child,
+    addr: SocketAddr,
+    log: PathBuf,
+}
+
+impl Webhook {
+    fn start(
+        bin: &Path,
+        dir: &Path,
+        cert: &Path,
+        key: &Path,
+        fd_limit: Option<u64>,
+        name: &str,
+    ) -> anyhow::Result<Self> {
+        let port = free_port();
+        let log = dir.join(format!("{name}.log"));
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let command = format!(
+            "{limit}exec {bin} serve --listen 127.0.0.1:{port} --admin-listen 127.0.0.1:{admin} \
+             --tls-cert-file {cert} --tls-key-file {key} --cluster-file {cluster} --policy-file {policy} \
+             --header-timeout {HEADER_TIMEOUT} --body-timeout {BODY_TIMEOUT} --idle-timeout {IDLE_TIMEOUT} \
+             --max-connections {MAX_CONNECTIONS} --log-format text",
+            limit = fd_limit.map(|n| format!("ulimit -n {n}; ")).unwrap_or_default(),
+            bin = bin.display(),
+            admin = free_port(),
+            cert = cert.display(),
+            key = key.display(),
+            cluster = root.join("webhook/tests/golden/cluster.yaml").display(),
+            policy = root.join("examples/policy.yaml").display(),
+        );
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(command)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .context("starting wiproxy-webhook")?;
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(addr).is_err() {
+            if Instant::now() > deadline {
+                bail!("wiproxy-webhook did not listen: {}", std::fs::read_to_string(&log).unwrap_or_default());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Self { child, addr, log })
+    }
+
+    fn proc(&self) -> Proc {
+        Proc(self.child.id())
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Webhook {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn tls_connect(
+    addr: SocketAddr,
+    tls: &Arc<rustls::ClientConfig>,
+) -> anyhow::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    let name = rustls::pki_types::ServerName::try_from("localhost")?;
+    Ok(tokio_rustls::TlsConnector::from(tls.clone()).connect(name, tcp).await?)
+}
+
+/// Writes `bytes`, then reads until the server closes; the answer and how long it took.
+async fn exchange<S: AsyncRead + AsyncWrite + Unpin>(
+    mut stream: S,
+    bytes: &[u8],
+    guard: Duration,
+) -> (String, Duration) {
+    let started = Instant::now();
+    let _ = stream.write_all(bytes).await;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(guard, stream.read_to_end(&mut answer)).await;
+    (String::from_utf8_lossy(&answer).into_owned(), started.elapsed())
+}
+
+/// Sends one byte a second until the server closes the connection; how long it stayed open.
+async fn slowloris<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, head: &[u8], guard: Duration) -> Duration {
+    let started = Instant::now();
+    let _ = stream.write_all(head).await;
+    let mut buf = [0u8; 1024];
+    while started.elapsed() < guard {
+        let wrote = stream.write_all(b"a").await.and(stream.flush().await);
+        if wrote.is_err() {
+            break;
+        }
+        match tokio::time::timeout(Duration::from_secs(1), stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => break,
+            _ => {}
+        }
+    }
+    started.elapsed()
+}
+
+fn review_body(padding: usize) -> Vec<u8> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../webhook/tests/fixtures/review-pod.json");
+    let mut review: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("review fixture")).expect("JSON");
+    if padding > 0 {
+        review["request"]["object"]["metadata"]["annotations"]["example.com/padding"] =
+            serde_json::Value::String("x".repeat(padding));
+    }
+    serde_json::to_vec(&review).expect("serializes")
+}
+
+fn post(body: &[u8]) -> Vec<u8> {
+    let mut request = format!(
+        "POST /mutate HTTP/1.1\r\nHost: wiproxy\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(body);
+    request
+}
+
+fn check(ok: bool, detail: String) -> Result<String, String> {
+    if ok {
+        Ok(detail)
+    } else {
+        Err(detail)
+    }
+}
+
+/// The most lines containing `needle` logged within one second.
+fn lines_per_second(log: &str, needle: &str) -> usize {
+    let mut per_second = std::collections::HashMap::<String, usize>::new();
+    for line in log.lines().filter(|l| l.contains(needle)) {
+        // Text logs start with an RFC 3339 timestamp: the second is its first 19 characters.
+        *per_second.entry(line.chars().take(19).collect()).or_default() += 1;
+    }
+    per_second.values().copied().max().unwrap_or(0)
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let started = Instant::now();
+    let release = PathBuf::from(std::env::args().nth(1).context("usage: wiproxy-reliability RELEASE_DIR")?);
+    let webhook_bin = release.join("wiproxy-webhook");
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let dir = tempfile::tempdir()?;
+    let ca = TestCa::new();
+    let (cert_pem, key_pem) = ca.server_pem(&["localhost"]);
+    let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::write(&cert, cert_pem)?;
+    std::fs::write(&key, key_pem)?;
+    let mut tls = ca.client_config();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tls = Arc::new(tls);
+    let mut rows = Vec::new();
+    let guard = Duration::from_secs(30);
+
+    // The webhook's admission port.
+    let webhook = Webhook::start(&webhook_bin, dir.path(), &cert, &key, None, "webhook")?;
+    let proc = webhook.proc();
+
+    proc.reset_peak();
+    // Idle connections that never start TLS: past the cap they wait in the backlog, and the
+    // accepted ones are closed by the header timeout, so the webhook cycles through them.
+    let mut connecting = tokio::task::JoinSet::new();
+    let gate = Arc::new(tokio::sync::Semaphore::new(2000));
+    for _ in 0..10_000 {
+        let (gate, addr) = (gate.clone(), webhook.addr);
+        connecting.spawn(async move {
+            let _permit = gate.acquire_owned().await;
+            tokio::time::timeout(Duration::from_secs(3), TcpStream::connect(addr)).await.ok()?.ok()
+        });
+    }
+    let mut held = Vec::new();
+    let mut fds = 0;
+    while let Some(joined) = connecting.join_next().await {
+        if let Ok(Some(stream)) = joined {
+            held.push(stream);
+            if held.len() % 1000 == 0 {
+                fds = fds.max(proc.fds());
+            }
+        }
+    }
+    for _ in 0..6 {
+        fds = fds.max(proc.fds());
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let tcp = held.len();
+    // A review while they are held: answered once the ones ahead of it time out.
+    let during = tokio::time::timeout(Duration::from_secs(60), async {
+        let stream = tls_connect(webhook.addr, &tls).await.ok()?;
+        Some(exchange(stream, &post(&review_body(0)), Duration::from_secs(30)).await.0)
+    })
+    .await
+    .ok()
+    .flatten()
+    .is_some_and(|answer| answer.starts_with("HTTP/1.1 200"));
+    let served = if during { "review answered" } else { "review NOT answered" };
+    let peak = proc.peak_mib();
+    drop(held);
+    let cap_holds = fds <= MAX_CONNECTIONS + 32;
+    rows.push(Row {
+        attack: "webhook: 10,000 idle TLS connections",
+        cases: 10_000,
+        panics: 0,
+        leaked: 0,
+        peak_rss: peak,
+        held: format!("{tcp} held, max {fds} fds at the webhook"),
+        verdict: check(
+            cap_holds && during && peak <= 128.0,
+            format!("max server fds {fds} <= cap {MAX_CONNECTIONS} + 32; {served} meanwhile"),
+        ),
+    });
+    tokio::time::sleep(Duration::from_secs(HEADER_TIMEOUT + 1)).await;
+
+    proc.reset_peak();
+    let lasted =
+        slowloris(tls_connect(webhook.addr, &tls).await?, b"POST /mutate HTTP/1.1\r\nHost: w\r\nX-Slow: ", guard).await;
+    let (answer, took) = exchange(
+        tls_connect(webhook.addr, &tls).await?,
+        b"POST /mutate HTTP/1.1\r\nHost: w\r\nContent-Length: 1000\r\n\r\n0123456789",
+        guard,
+    )
+    .await;
+    let (huge, huge_took) = exchange(
+        tls_connect(webhook.addr, &tls).await?,
+        b"POST /mutate HTTP/1.1\r\nHost: w\r\nContent-Length: 1000000000000\r\n\r\n0123456789",
+        guard,
+    )
+    .await;
+    let bound = Duration::from_secs(HEADER_TIMEOUT.max(BODY_TIMEOUT) + 2);
+    rows.push(Row {
+        attack: "webhook: slowloris, unfinished body, CL 10^12",
+        cases: 3,
+        panics: 0,
+        leaked: 0,
+        peak_rss: proc.peak_mib(),
+        held: "1 each".into(),
+        verdict: check(
+            lasted <= bound && took <= bound && answer.starts_with("HTTP/1.1 408") && huge.starts_with("HTTP/1.1 413"),
+            format!(
+                "slowloris closed after {:.1} s, body: {} after {:.1} s, 10^12: {} after {:.2} s",
+                lasted.as_secs_f64(),
+                answer.lines().next().unwrap_or("closed"),
+                took.as_secs_f64(),
+                huge.lines().next().unwrap_or("closed"),
+                huge_took.as_secs_f64()
+            ),
+        ),
+    });
+
+    proc.reset_peak();
+    let body = review_body(4 * 1024 * 1024 - review_body(0).len() - 4096);
+    // One after another, as the acceptance bound is for one review at the limit.
+    let mut ok = 0;
+    for _ in 0..4 {
+        let stream = tls_connect(webhook.addr, &tls).await?;
+        if exchange(stream, &post(&body), Duration::from_secs(60)).await.0.starts_with("HTTP/1.1 200") {
+            ok += 1;
+        }
+    }
+    let peak = proc.peak_mib();
+    rows.push(Row {
+        attack: "webhook: largest review (4 MiB), 4 in turn",
+        cases: 4,
+        panics: 0,
+        leaked: 0,
+        peak_rss: peak,
+        held: "4".into(),
+        verdict: check(ok == 4 && peak <= 128.0, format!("{ok}/4 answered 200, peak {peak:.1} MiB <= 128")),
+    });
+    let webhook_log = webhook.log();
+    drop(webhook);
+
+    // The file-descriptor limit: a webhook with 128 descriptors, 400 connections held.
+    let limited = Webhook::start(&webhook_bin, dir.path(), &cert, &key, Some(128), "webhook-fd")?;
+    let mut holders = Vec::new();
+    for _ in 0..400 {
+        if let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(limited.addr)).await
+        {
+            holders.push(stream);
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let fresh_started = Instant::now();
+    let mut answered = None;
+    while fresh_started.elapsed() < Duration::from_secs(30) {
+        if let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_secs(2), tls_connect(limited.addr, &tls)).await {
+            let (answer, _) = exchange(stream, &post(&review_body(0)), Duration::from_secs(10)).await;
+            if answer.starts_with("HTTP/1.1 200") {
+                answered = Some(fresh_started.elapsed());
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let held_count = holders.len();
+    drop(holders);
+    let log = limited.log();
+    let per_second = lines_per_second(&log, "accept failed");
+    rows.push(Row {
+        attack: "webhook: fd limit (128), 400 connections held",
+        cases: 400,
+        panics: 0,
+        leaked: 0,
+        peak_rss: limited.proc().peak_mib(),
+        held: format!("{held_count}"),
+        verdict: check(
+            answered.is_some() && per_second <= 3,
+            format!(
+                "fresh review answered after {}, at most {per_second} accept-error lines a second",
+                answered.map(|d| format!("{:.1} s", d.as_secs_f64())).unwrap_or_else(|| "never".into())
+            ),
+        ),
+    });
+    let webhook_log = webhook_log + &log;
+    drop(limited);
+
+    // The sidecar.
+    let world = World::start().await;
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let silent_addr = silent.local_addr()?;
+    tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((stream, _)) = silent.accept().await {
+            open.push(stream);
+        }
+    });
+    let mut env = world.env(&format!("fn={FUNCTION_URL},stalled=https://stalled.example.com/"));
+    for (key, value) in env.iter_mut() {
+        if key == "WIPROXY_RESOLVE" {
+            value.push_str(&format!(",stalled.example.com={silent_addr}"));
+        }
+        if key == "WIPROXY_LOG" {
+            *value = "info".into();
+        }
+    }
+    env.push(("WIPROXY_BODY_TIMEOUT".into(), BODY_TIMEOUT.to_string()));
+    env.push(("WIPROXY_CONNECT_TIMEOUT".into(), "2".into()));
+    let sidecar = Sidecar::start(&env);
+    let http = Http::new();
+    let ready_by = Instant::now() + Duration::from_secs(15);
+    while http.get(&sidecar.admin_url("/readyz")).await.status != 200 {
+        if Instant::now() > ready_by {
+            bail!("the sidecar never became ready: {}", sidecar.log());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let side = Proc(sidecar.pid());
+
+    side.reset_peak();
+    let header = format!("GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n", "a".repeat(384 * 1024));
+    let mut attacks = tokio::task::JoinSet::new();
+    for _ in 0..150 {
+        let (addr, header) = (sidecar.admin, header.clone());
+        attacks.spawn(async move {
+            let stream = TcpStream::connect(addr).await.ok()?;
+            Some(exchange(stream, header.as_bytes(), Duration::from_secs(10)).await.0)
+        });
+    }
+    let mut refused = 0;
+    while let Some(answer) = attacks.join_next().await {
+        if answer.ok().flatten().is_some_and(|a| a.starts_with("HTTP/1.1 431") || a.is_empty()) {
+            refused += 1;
+        }
+    }
+    let peak = side.peak_mib();
+    rows.push(Row {
+        attack: "sidecar admin: 150 × 384 KB headers",
+        cases: 150,
+        panics: 0,
+        leaked: 0,
+        peak_rss: peak,
+        held: "150".into(),
+        verdict: check(peak <= 32.0, format!("{refused}/150 refused (431 or closed), peak {peak:.1} MiB <= 32")),
+    });
+
+    side.reset_peak();
+    let lasted = slowloris(TcpStream::connect(sidecar.admin).await?, b"GET /healthz HTTP/1.1\r\nX-Slow: ", guard).await;
+    let mut holders = Vec::new();
+    for _ in 0..300 {
+        if let Ok(mut stream) = TcpStream::connect(sidecar.admin).await {
+            let _ = stream.write_all(b"GET /healthz HTTP/1.1\r\nX-Slow: ").await;
+            holders.push(stream);
+        }
+    }
+    let mut served = 0;
+    for _ in 0..20 {
+        if let Ok(reply) = tokio::time::timeout(Duration::from_secs(10), http.get(&sidecar.url("/fn/items"))).await {
+            if reply.status == 200 {
+                served += 1;
+            }
+        }
+    }
+    let held_count = holders.len();
+    drop(holders);
+    rows.push(Row {
+        attack: "sidecar admin: slowloris, 300 held vs proxy",
+        cases: 21,
+        panics: 0,
+        leaked: 0,
+        peak_rss: side.peak_mib(),
+        held: format!("{held_count}"),
+        verdict: check(
+            lasted <= Duration::from_secs(8) && served == 20,
+            format!("slowloris closed after {:.1} s; proxy served {served}/20 while held", lasted.as_secs_f64()),
+        ),
+    });
+
+    side.reset_peak();
+    let body = bytes::Bytes::from(vec![b'x'; 1024 * 1024]);
+    let mut posts = tokio::task::JoinSet::new();
+    for _ in 0..80 {
+        let (url, body) = (sidecar.url("/fn/sleep/2"), body.clone());
+        posts.spawn(async move {
+            let request = http::Request::post(url).body(http_body_util::Full::new(body)).expect("request");
+            Http::new().send(request).await.map(|reply| reply.status.as_u16()).unwrap_or(0)
+        });
+    }
+    let mut answered = 0;
+    while let Some(status) = posts.join_next().await {
+        if status.unwrap_or(0) == 200 {
+            answered += 1;
+        }
+    }
+    let peak = side.peak_mib();
+    rows.push(Row {
+        attack: "sidecar: 80 × 1 MiB POSTs, slow upstream",
+        cases: 80,
+        panics: 0,
+        leaked: 0,
+        peak_rss: peak,
+        held: "80".into(),
+        verdict: check(peak <= 48.0, format!("{answered}/80 answered 200, peak {peak:.1} MiB <= 48")),
+    });
+
+    side.reset_peak();
+    let (stalled, took) = exchange(
+        TcpStream::connect(sidecar.proxy).await?,
+        b"POST /fn/items HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789",
+        guard,
+    )
+    .await;
+    let handshake_started = Instant::now();
+    let reply = http.get(&sidecar.url("/stalled/x")).await;
+    let handshake_took = handshake_started.elapsed();
+    rows.push(Row {
+        attack: "sidecar: stalled body, stalled TLS handshake",
+        cases: 2,
+        panics: 0,
+        leaked: 0,
+        peak_rss: side.peak_mib(),
+        held: "1 each".into(),
+        verdict: check(
+            stalled.starts_with("HTTP/1.1 408")
+                && took <= Duration::from_secs(BODY_TIMEOUT + 2)
+                && reply.status == 504
+                && handshake_took <= Duration::from_secs(4),
+            format!(
+                "body: {} after {:.1} s; handshake: {} after {:.1} s",
+                stalled.lines().next().unwrap_or("closed"),
+                took.as_secs_f64(),
+                reply.status.as_u16(),
+                handshake_took.as_secs_f64()
+            ),
+        ),
+    });
+
+    // Panics and leaked tokens, over every log.
+    let logs = format!("{webhook_log}{}", sidecar.log());
+    let panics = logs.matches("panicked").count() as u64;
+    let minted = world.google.minted();
+    let leaked = minted
+        .iter()
+        .filter(|token| {
+            logs.contains(token.as_str()) || token.rsplit('.').next().is_some_and(|s| s.len() > 20 && logs.contains(s))
+        })
+        .count() as u64;
+    if let Some(row) = rows.last_mut() {
+        row.panics = panics;
+        row.leaked = leaked;
+    }
+
+    println!("| attack | cases | panics | tokens leaked | peak RSS (MiB) | connections held | result |");
+    println!("|---|---:|---:|---:|---:|---|---|");
+    let mut failed = panics > 0 || leaked > 0;
+    for row in &rows {
+        let (mark, detail) = match &row.verdict {
+            Ok(detail) => ("ok", detail),
+            Err(detail) => {
+                failed = true;
+                ("FAIL", detail)
+            }
+        };
+        println!(
+            "| {} | {} | {} | {} | {:.1} | {} | {mark}: {detail} |",
+            row.attack, row.cases, row.panics, row.leaked, row.peak_rss, row.held
+        );
+    }
+    let cases: u64 = rows.iter().map(|r| r.cases).sum();
+    println!(
+        "\n{cases} cases, {panics} panics, {leaked} tokens leaked (of {} minted), in {:.0} s",
+        minted.len(),
+        started.elapsed().as_secs_f64()
+    );
+    if failed {
+        bail!("a bound did not hold (FAIL above)");
+    }
+    Ok(())
+}
