@@ -139,6 +139,7 @@ pub fn review_checked(body: &[u8]) -> Result<Option<Value>, String> {
     else {
         return Ok(None);
     };
+    let response: Value = serde_json::from_slice(&response).map_err(|e| format!("the answer is not JSON: {e}"))?;
     let answer = &response["response"];
     let patch = answer.get("patch").and_then(Value::as_str);
     if answer["allowed"] == Value::Bool(false) {
@@ -159,6 +160,7 @@ pub fn review_checked(body: &[u8]) -> Result<Option<Value>, String> {
     let (response, _) = runtime()
         .block_on(wiproxy_webhook::admission::answer(webhook(), Endpoint::Mutate, &body))
         .map_err(|e| format!("the injected pod is not a review any more: {e}"))?;
+    let response: Value = serde_json::from_slice(&response).map_err(|e| format!("the answer is not JSON: {e}"))?;
     if response["response"].get("patch").and_then(Value::as_str).is_some() {
         return Err("injecting the injected pod changed it again".into());
     }

@@ -58,6 +58,7 @@ proptest! {
         let review = review_with(&upstreams, gsa, port);
         let body = serde_json::to_vec(&review).expect("serializes");
         let (response, _) = runtime.block_on(answer(&webhook, Endpoint::Mutate, &body)).expect("a review");
+        let response: Value = serde_json::from_slice(&response).expect("the answer is JSON");
         let patch = patch_of(&response);
         if response["response"]["allowed"] == json!(false) {
             prop_assert!(patch.is_none(), "a denied pod carries a patch");
@@ -68,6 +69,7 @@ proptest! {
         json_patch::patch(&mut again["request"]["object"], &patch).expect("the patch applies");
         let body = serde_json::to_vec(&again).expect("serializes");
         let (response, _) = runtime.block_on(answer(&webhook, Endpoint::Mutate, &body)).expect("a review");
+        let response: Value = serde_json::from_slice(&response).expect("the answer is JSON");
         prop_assert_eq!(&response["response"]["allowed"], &json!(true));
         prop_assert!(patch_of(&response).is_none(), "injecting the injected pod changed it again");
     }
