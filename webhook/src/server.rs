@@ -1,8 +1,10 @@
 //! `serve`: the admission endpoint over TLS and the plain admin port, with graceful drain.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::extract::{Request, State};
@@ -12,7 +14,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use hyper_util::service::TowerToHyperService;
 use serde_json::json;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
 use tracing::field::Empty;
@@ -243,7 +246,7 @@ pub async fn serve_tls(
         let accepting = acceptor.accept(stream);
         async move {
             match accepting.await {
-                Ok(stream) => Some(stream),
+                Ok(stream) => Some(TlsConnection(stream)),
                 Err(e) => {
                     debug!(error = %e, "TLS handshake failed");
                     None
@@ -253,6 +256,53 @@ pub async fn serve_tls(
     };
     let service = move || TowerToHyperService::new(app.clone());
     wiproxy_common::serve::serve(listener, policy, shutdown, drain, open, service).await;
+}
+
+/// A TLS connection as the connection policy serves it: between reviews it waits for the next
+/// one without holding HTTP state.
+struct TlsConnection(tokio_rustls::server::TlsStream<TcpStream>);
+
+impl wiproxy_common::serve::Stream for TlsConnection {
+    fn poll_read_ready(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let (tcp, tls) = self.0.get_ref();
+        // Decrypted bytes (or the peer's close_notify) already wait in rustls.
+        if !tls.wants_read() {
+            return Poll::Ready(Ok(()));
+        }
+        tcp.poll_read_ready(cx)
+    }
+}
+
+impl AsyncRead for TlsConnection {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConnection {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
 }
 
 /// Serves `app` in plain HTTP on `listener` under `policy` until `shutdown` turns true.
