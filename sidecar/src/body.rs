@@ -72,9 +72,11 @@ impl Failure {
 /// Whether a request is gRPC (`application/grpc`, `application/grpc+proto`, …; gRPC-Web, which
 /// carries its status in the body, is not).
 pub fn is_grpc(headers: &http::HeaderMap) -> bool {
+    const GRPC: &[u8] = b"application/grpc";
     headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| {
-        let v = v.trim().to_ascii_lowercase();
-        v == "application/grpc" || v.starts_with("application/grpc+") || v.starts_with("application/grpc;")
+        let v = v.trim().as_bytes();
+        v.get(..GRPC.len()).is_some_and(|start| start.eq_ignore_ascii_case(GRPC))
+            && matches!(v.get(GRPC.len()), None | Some(b'+' | b';'))
     })
 }
 
@@ -135,8 +137,10 @@ mod tests {
             is_grpc(&headers)
         };
         assert!(with("application/grpc"));
-        assert!(with("application/grpc+proto"));
+        assert!(with("Application/GRPC+proto"));
+        assert!(with("application/grpc; charset=utf-8"));
         assert!(!with("application/grpc-web"));
+        assert!(!with("application/grp"));
         assert!(!with("application/json"));
     }
 }

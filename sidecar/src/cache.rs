@@ -40,7 +40,8 @@ struct Slot {
 
 #[derive(Default)]
 struct State {
-    token: Option<Token>,
+    /// Shared with the requests that carry it: one reference count per request, no copy.
+    token: Option<Arc<Token>>,
     error: Option<String>,
     /// When an upstream's refusal last made the slot drop its token.
     last_forced: Option<Instant>,
@@ -124,67 +125,29 @@ impl TokenCache {
         Arc::new(Self { slots, metrics })
     }
 
+    /// The slot of `audience`, looked up once: the proxy keeps one per route, so a request
+    /// reaches its token without hashing the audience.
+    pub fn audience(&self, audience: &str) -> Option<Audience> {
+        self.slots.get(audience).map(|slot| Audience(slot.clone()))
+    }
+
     /// A servable token for `audience`, waiting at most `wait` when one is on its way.
-    pub async fn get(&self, audience: &str, wait: Duration) -> Result<Token, Unavailable> {
-        let slot = self.slots.get(audience).ok_or_else(|| Unavailable(format!("no audience {audience:?}")))?;
-        let mut changes = slot.changed.subscribe();
-        let deadline = tokio::time::Instant::now() + wait;
-        let mut waited = false;
-        loop {
-            {
-                let state = slot.state();
-                if let Some(token) = state.token.as_ref().filter(|t| t.servable(SystemTime::now())) {
-                    let counter = if waited { &slot.waits } else { &slot.hits };
-                    counter.inc();
-                    return Ok(token.clone());
-                }
-                if let Some(error) = &state.error {
-                    return Err(Unavailable(error.clone()));
-                }
-            }
-            waited = true;
-            match tokio::time::timeout_at(deadline, changes.changed()).await {
-                Ok(Ok(())) => continue,
-                Ok(Err(_)) => return Err(Unavailable("the token refresher stopped".to_owned())),
-                Err(_) => return Err(Unavailable(format!("no token yet after {} s", wait.as_secs_f32()))),
-            }
+    pub async fn get(&self, audience: &str, wait: Duration) -> Result<Arc<Token>, Unavailable> {
+        match self.audience(audience) {
+            Some(slot) => slot.get(wait).await,
+            None => Err(Unavailable(format!("no audience {audience:?}"))),
         }
     }
 
-    /// An upstream's front end refused `token`. Drops it and fetches a new one now, at most
-    /// once per `FORCED_REFETCH_INTERVAL` (several refusals of the same token cause one fetch).
-    /// Returns whether the caller may retry: a new token is (or already was) on its way. A refusal
-    /// inside the interval keeps the token and marks the audience refused instead.
+    /// An upstream's front end refused `token` (see [`Audience::reject`]).
     pub fn reject(&self, audience: &str, token: &Token) -> bool {
-        let Some(slot) = self.slots.get(audience) else { return false };
-        let mut dropped = false;
-        let mut retry = false;
-        slot.update(|state| {
-            if state.token.as_ref() != Some(token) {
-                // Already replaced (or being replaced) after another request's refusal.
-                retry = true;
-            } else if state.last_forced.is_some_and(|at| at.elapsed() < FORCED_REFETCH_INTERVAL) {
-                slot.refused.store(true, Ordering::Relaxed);
-            } else {
-                state.token = None;
-                state.error = None;
-                state.last_forced = Some(Instant::now());
-                dropped = true;
-                retry = true;
-            }
-        });
-        if dropped {
-            slot.wake.notify_one();
-        }
-        retry
+        self.audience(audience).is_some_and(|slot| slot.reject(token))
     }
 
-    /// An upstream answered without refusing the token: a refusal reported before is over.
+    /// An upstream answered without refusing the token (see [`Audience::accepted`]).
     pub fn accepted(&self, audience: &str) {
-        let Some(slot) = self.slots.get(audience) else { return };
-        // A read first: the common case writes nothing to the shared flag.
-        if slot.refused.load(Ordering::Relaxed) {
-            slot.refused.store(false, Ordering::Relaxed);
+        if let Some(slot) = self.audience(audience) {
+            slot.accepted();
         }
     }
 
@@ -215,6 +178,80 @@ impl TokenCache {
         for slot in self.slots.values() {
             let ttl = slot.state().token.as_ref().map_or(0, |t| t.ttl_seconds(now).max(0));
             self.metrics.token_ttl.get_or_create(&Metrics::audience(&slot.audience)).set(ttl);
+        }
+    }
+}
+
+/// One audience's slot in the [`TokenCache`].
+#[derive(Clone)]
+pub struct Audience(Arc<Slot>);
+
+impl Audience {
+    /// A servable token, waiting at most `wait` when one is on its way.
+    pub async fn get(&self, wait: Duration) -> Result<Arc<Token>, Unavailable> {
+        let slot = &self.0;
+        let mut changes: Option<watch::Receiver<u64>> = None;
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            {
+                let state = slot.state();
+                if let Some(token) = state.token.as_ref().filter(|t| t.servable(SystemTime::now())) {
+                    let counter = if changes.is_some() { &slot.waits } else { &slot.hits };
+                    counter.inc();
+                    return Ok(token.clone());
+                }
+                if let Some(error) = &state.error {
+                    return Err(Unavailable(error.clone()));
+                }
+            }
+            // Watch for changes only once a wait is needed, then look again before waiting, so
+            // no change between the look and the watch is missed.
+            let Some(changes) = changes.as_mut() else {
+                changes = Some(slot.changed.subscribe());
+                continue;
+            };
+            match tokio::time::timeout_at(deadline, changes.changed()).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(_)) => return Err(Unavailable("the token refresher stopped".to_owned())),
+                Err(_) => return Err(Unavailable(format!("no token yet after {} s", wait.as_secs_f32()))),
+            }
+        }
+    }
+
+    /// An upstream's front end refused `token`. Drops it and fetches a new one now, at most
+    /// once per `FORCED_REFETCH_INTERVAL` (several refusals of the same token cause one fetch).
+    /// Returns whether the caller may retry: a new token is (or already was) on its way. A refusal
+    /// inside the interval keeps the token and marks the audience refused instead.
+    pub fn reject(&self, token: &Token) -> bool {
+        let slot = &self.0;
+        let mut dropped = false;
+        let mut retry = false;
+        slot.update(|state| {
+            if state.token.as_deref() != Some(token) {
+                // Already replaced (or being replaced) after another request's refusal.
+                retry = true;
+            } else if state.last_forced.is_some_and(|at| at.elapsed() < FORCED_REFETCH_INTERVAL) {
+                slot.refused.store(true, Ordering::Relaxed);
+            } else {
+                state.token = None;
+                state.error = None;
+                state.last_forced = Some(Instant::now());
+                dropped = true;
+                retry = true;
+            }
+        });
+        if dropped {
+            slot.wake.notify_one();
+        }
+        retry
+    }
+
+    /// An upstream answered without refusing the token: a refusal reported before is over.
+    pub fn accepted(&self) {
+        let slot = &self.0;
+        // A read first: the common case writes nothing to the shared flag.
+        if slot.refused.load(Ordering::Relaxed) {
+            slot.refused.store(false, Ordering::Relaxed);
         }
     }
 }
@@ -251,7 +288,7 @@ async fn refresh(
                 let delay = refresh_delay(&token, SystemTime::now());
                 debug!(%audience, lifetime = token.lifetime().as_secs(), refresh_in = delay.as_secs(), "token fetched");
                 slot.update(|state| {
-                    state.token = Some(token);
+                    state.token = Some(Arc::new(token));
                     state.error = None;
                 });
                 delay

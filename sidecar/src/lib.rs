@@ -77,15 +77,15 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
         "serving"
     );
 
-    let proxy = Arc::new(Proxy {
-        routes: routes.clone(),
-        cache: cache.clone(),
+    let proxy = Arc::new(Proxy::new(
+        routes.clone(),
+        &cache,
         clients,
-        metrics: metrics.clone(),
-        token_wait: config.token_wait,
-        upstream_timeout: config.upstream_timeout,
-        retry_buffer: crate::proxy::RetryBuffer::new(config.retry_buffer_bytes),
-    });
+        &metrics,
+        config.token_wait,
+        config.upstream_timeout,
+        crate::proxy::RetryBuffer::new(config.retry_buffer_bytes),
+    ));
     let admin = Arc::new(Admin { routes, cache, metrics });
     let mut tasks = vec![tokio::spawn(serve(admin_listener, admin::policy(), shutdown.clone(), move |request| {
         let admin = admin.clone();

@@ -1,5 +1,7 @@
 //! Prometheus metrics of the sidecar, served on the admin port.
 
+use std::sync::RwLock;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -58,6 +60,11 @@ impl Metrics {
         self.requests.get_or_create(&RequestLabels { upstream: upstream.to_owned(), status }).inc();
     }
 
+    /// The `requests` series of `upstream` ("-" for requests that reached none).
+    pub fn upstream_requests(&self, upstream: &str) -> UpstreamRequests {
+        UpstreamRequests { upstream: upstream.to_owned(), family: self.requests.clone(), seen: RwLock::default() }
+    }
+
     pub fn fetch(&self, audience: &str, result: &str, seconds: f64) {
         self.fetches.get_or_create(&FetchLabels { audience: audience.to_owned(), result: result.to_owned() }).inc();
         self.fetch_seconds.observe(seconds);
@@ -72,5 +79,50 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// One upstream's `requests` series, counted by status without building labels (and hashing
+/// them) per request: the counters of the statuses seen so far are kept in a short list.
+pub struct UpstreamRequests {
+    upstream: String,
+    family: Family<RequestLabels, Counter>,
+    seen: RwLock<Vec<(u16, Counter)>>,
+}
+
+impl UpstreamRequests {
+    pub fn count(&self, status: u16) {
+        if let Ok(seen) = self.seen.read() {
+            if let Some((_, counter)) = seen.iter().find(|(seen, _)| *seen == status) {
+                counter.inc();
+                return;
+            }
+        }
+        let labels = RequestLabels { upstream: self.upstream.clone(), status };
+        let counter = self.family.get_or_create(&labels).clone();
+        counter.inc();
+        if let Ok(mut seen) = self.seen.write() {
+            if !seen.iter().any(|(seen, _)| *seen == status) {
+                seen.push((status, counter));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_requests_count_into_the_family() {
+        let metrics = Metrics::default();
+        let orders = metrics.upstream_requests("orders");
+        for status in [200, 200, 503, 200] {
+            orders.count(status);
+        }
+        metrics.request("orders", 503);
+        let text = metrics.encode();
+        assert!(text.contains(r#"wiproxy_requests_total{upstream="orders",status="200"} 3"#), "{text}");
+        assert!(text.contains(r#"wiproxy_requests_total{upstream="orders",status="503"} 2"#), "{text}");
     }
 }

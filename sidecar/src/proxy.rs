@@ -18,9 +18,9 @@ use wiproxy_common::serve::{BodyTimeout, RequestBody};
 use wiproxy_common::TokenHeader;
 
 use crate::body::{empty, full, is_grpc, Body, BoxError, Failure};
-use crate::cache::TokenCache;
+use crate::cache::{Audience, TokenCache};
 use crate::http::Clients;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, UpstreamRequests};
 use crate::routes::{Destination, Route, Routes, Via};
 use crate::token::Token;
 
@@ -70,16 +70,57 @@ static X_FORWARDED_AUTHORIZATION: HeaderName = HeaderName::from_static("x-forwar
 static X_SERVERLESS_AUTHORIZATION: HeaderName = HeaderName::from_static("x-serverless-authorization");
 
 pub struct Proxy {
-    pub routes: Routes,
-    pub cache: Arc<TokenCache>,
-    pub clients: Clients,
-    pub metrics: Arc<Metrics>,
+    routes: Routes,
+    /// Per route, in the routes' order: its token slot and its `requests` series, looked up
+    /// once here rather than per request.
+    served: Vec<Served>,
+    /// The `requests` series of requests that reached no upstream.
+    unrouted: UpstreamRequests,
+    clients: Clients,
     /// How long a request waits for a token that is on its way.
-    pub token_wait: Duration,
+    token_wait: Duration,
     /// Longest wait for the upstream's response headers.
-    pub upstream_timeout: Option<Duration>,
+    upstream_timeout: Option<Duration>,
     /// Memory for bodies kept for a retry.
-    pub retry_buffer: Arc<RetryBuffer>,
+    retry_buffer: Arc<RetryBuffer>,
+}
+
+struct Served {
+    /// `None` only if the cache was started without the route's audience.
+    audience: Option<Audience>,
+    requests: UpstreamRequests,
+}
+
+impl Proxy {
+    pub fn new(
+        routes: Routes,
+        cache: &TokenCache,
+        clients: Clients,
+        metrics: &Metrics,
+        token_wait: Duration,
+        upstream_timeout: Option<Duration>,
+        retry_buffer: Arc<RetryBuffer>,
+    ) -> Self {
+        let served = routes
+            .iter()
+            .map(|route| Served {
+                audience: cache.audience(&route.audience),
+                requests: metrics.upstream_requests(&route.name),
+            })
+            .collect();
+        let unrouted = metrics.upstream_requests("-");
+        Self { routes, served, unrouted, clients, token_wait, upstream_timeout, retry_buffer }
+    }
+
+    /// A token for route `index`, waiting at most `token_wait` for one on its way.
+    async fn token_for(&self, index: usize) -> Result<Arc<Token>, Failure> {
+        let route = self.routes.get(index);
+        let token = match &self.served[index].audience {
+            Some(audience) => audience.get(self.token_wait).await,
+            None => Err(crate::cache::Unavailable(format!("no audience {:?}", route.audience))),
+        };
+        token.map_err(|e| no_token(route, &e.0))
+    }
 }
 
 /// Connection-level headers that are never forwarded (RFC 9110 §7.6.1), plus any the
@@ -87,42 +128,66 @@ pub struct Proxy {
 /// `TE: trailers` is kept: gRPC servers refuse a call without it, and it is the one `TE` value
 /// HTTP/2 allows.
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    let trailers = headers
-        .get_all(header::TE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.split(';').next().unwrap_or_default().trim().eq_ignore_ascii_case("trailers"));
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .filter(|name| !(keep_upgrade && name == header::UPGRADE))
-        .collect();
-    for name in named {
-        headers.remove(name);
+    // One look at the names first: most messages carry none of these but `Connection`, and
+    // removing names that are not there costs a hash each.
+    let (mut connection, mut te, mut others) = (false, false, false);
+    for name in headers.keys() {
+        match name.as_str() {
+            "connection" => connection = true,
+            "te" => te = true,
+            "trailer"
+            | "transfer-encoding"
+            | "proxy-authorization"
+            | "proxy-authenticate"
+            | "keep-alive"
+            | "proxy-connection"
+            | "http2-settings"
+            | "upgrade" => others = true,
+            _ => {}
+        }
     }
-    for name in [
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::PROXY_AUTHORIZATION,
-        header::PROXY_AUTHENTICATE,
-    ] {
-        headers.remove(name);
+    if !(connection || te || others || keep_upgrade) {
+        return;
     }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
-    headers.remove("http2-settings");
+    let trailers = te
+        && headers
+            .get_all(header::TE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.split(';').next().unwrap_or_default().trim().eq_ignore_ascii_case("trailers"));
+    if connection {
+        // The `Connection` values come out whole first (shared bytes, no copy); the names they
+        // list are removed as text, with no header name made for each.
+        let values = match headers.entry(header::CONNECTION) {
+            header::Entry::Occupied(entry) => entry.remove_entry_mult().1.collect::<Vec<_>>(),
+            header::Entry::Vacant(_) => Vec::new(),
+        };
+        for name in values.iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).map(str::trim) {
+            if !(name.is_empty() || (keep_upgrade && name.eq_ignore_ascii_case("upgrade"))) {
+                headers.remove(name);
+            }
+        }
+    }
+    if te {
+        headers.remove(header::TE);
+    }
+    if others {
+        for name in
+            [header::TRAILER, header::TRANSFER_ENCODING, header::PROXY_AUTHORIZATION, header::PROXY_AUTHENTICATE]
+        {
+            headers.remove(name);
+        }
+        headers.remove("keep-alive");
+        headers.remove("proxy-connection");
+        headers.remove("http2-settings");
+    }
     if trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
     if keep_upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
-        headers.remove(header::CONNECTION);
+    } else if others {
         headers.remove(header::UPGRADE);
     }
 }
@@ -150,9 +215,7 @@ fn is_upgrade(request: &Request<RequestBody>) -> bool {
 /// Puts the token in its header. In `authorization` mode the app's own `Authorization` moves to
 /// `X-Forwarded-Authorization`; in `x-serverless-authorization` mode it passes through.
 fn set_token(headers: &mut HeaderMap, mode: TokenHeader, token: &Token) -> Result<(), StatusCode> {
-    let mut value =
-        HeaderValue::from_str(&format!("Bearer {}", token.secret())).map_err(|_| StatusCode::SERVICE_UNAVAILABLE)?;
-    value.set_sensitive(true);
+    let value = token.bearer().ok_or(StatusCode::SERVICE_UNAVAILABLE)?.clone();
     match mode {
         TokenHeader::Authorization => {
             if let Some(own) = headers.remove(header::AUTHORIZATION) {
@@ -197,41 +260,51 @@ impl Proxy {
         destination: Result<Destination, crate::routes::Refusal>,
         request: Request<RequestBody>,
     ) -> Response<Body> {
-        let started = Instant::now();
-        let (method, path) = (request.method().clone(), request.uri().path().to_owned());
+        let started = tracing::enabled!(tracing::Level::DEBUG).then(|| (Instant::now(), request.method().clone()));
         let grpc = is_grpc(request.headers());
-        let (name, answered) = match destination {
-            Err(refusal) => {
-                info!(%method, path, status = refusal.status.as_u16(), reason = %refusal.message, "refused");
-                (None, Err(Failure::new(refusal.status, json!({"error": refusal.message}))))
-            }
+        let refused = |refusal: crate::routes::Refusal, request: &Request<RequestBody>| {
+            let (method, path) = (request.method(), request.uri().path());
+            info!(%method, path, status = refusal.status.as_u16(), reason = %refusal.message, "refused");
+            Err(Failure::new(refusal.status, json!({"error": refusal.message})))
+        };
+        let (index, answered) = match destination {
+            Err(refusal) => (None, refused(refusal, &request)),
             Ok(Destination::Token { index }) => {
-                let route = self.routes.get(index);
                 let answered = match crate::routes::token_request_refusal(request.headers()) {
-                    Some(refusal) => {
-                        info!(%method, path, status = refusal.status.as_u16(), reason = %refusal.message, "refused");
-                        Err(Failure::new(refusal.status, json!({"error": refusal.message})))
-                    }
-                    None => self.token(route).await,
+                    Some(refusal) => refused(refusal, &request),
+                    None => self.token(index).await,
                 };
-                (Some(route.name.clone()), answered)
+                (Some(index), answered)
             }
             Ok(Destination::Upstream { index, uri: target, via }) => {
-                let route = self.routes.get(index).clone();
-                let dialled = request.headers().get(header::HOST).and_then(|v| v.to_str().ok()).map(str::to_owned);
-                let dialled = dialled.or_else(|| request.uri().authority().map(|a| a.to_string()));
-                let answered = self.forward(&route, target, request).await.map(|mut response| {
-                    self.rewrite_location(&mut response, index, via, dialled.as_deref());
+                // How the app addressed the sidecar, kept (not copied) for a `Location` to
+                // write back.
+                let host = request.headers().get(header::HOST).cloned();
+                let authority = request.uri().authority().cloned();
+                let answered = self.forward(index, target, request).await.map(|mut response| {
+                    if response.headers().contains_key(header::LOCATION) {
+                        let dialled = match (&host, &authority) {
+                            (Some(host), _) => host.to_str().ok(),
+                            (None, Some(authority)) => Some(authority.as_str()),
+                            (None, None) => None,
+                        };
+                        self.rewrite_location(&mut response, index, via, dialled);
+                    }
                     response
                 });
-                (Some(route.name), answered)
+                (Some(index), answered)
             }
         };
         let response = answered.unwrap_or_else(|failure| failure.into_response(grpc));
         let status = response.status().as_u16();
-        let upstream = name.as_deref().unwrap_or("-");
-        self.metrics.request(upstream, status);
-        debug!(%method, upstream, status, ms = started.elapsed().as_millis() as u64, "proxied");
+        match index {
+            Some(index) => self.served[index].requests.count(status),
+            None => self.unrouted.count(status),
+        }
+        if let Some((started, method)) = started {
+            let upstream = index.map_or("-", |index| self.routes.get(index).name.as_str());
+            debug!(%method, upstream, status, ms = started.elapsed().as_millis() as u64, "proxied");
+        }
         response
     }
 
@@ -246,8 +319,8 @@ impl Proxy {
         }
     }
 
-    async fn token(&self, route: &Route) -> Result<Response<Body>, Failure> {
-        let token = self.cache.get(&route.audience, self.token_wait).await.map_err(|e| no_token(route, &e.0))?;
+    async fn token(&self, index: usize) -> Result<Response<Body>, Failure> {
+        let token = self.token_for(index).await?;
         let mut response = Response::new(full(token.secret().to_owned()));
         response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
         response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -256,27 +329,33 @@ impl Proxy {
 
     async fn forward(
         &self,
-        route: &Route,
+        index: usize,
         target: http::Uri,
         mut request: Request<RequestBody>,
     ) -> Result<Response<Body>, Failure> {
+        let route = self.routes.get(index);
+        let audience = self.served[index].audience.as_ref();
         let upgrade = is_upgrade(&request);
         let inbound_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
-        let mut token = self.cache.get(&route.audience, self.token_wait).await.map_err(|e| no_token(route, &e.0))?;
+        let mut token = self.token_for(index).await?;
         let (mut parts, body) = request.into_parts();
         strip_hop_by_hop(&mut parts.headers, upgrade);
         parts.headers.remove(header::HOST);
         parts.uri = target;
         parts.version = Version::HTTP_11;
 
-        // Kept for a retry when small, declared, and the shared buffer has room for it.
-        let reserved = body
-            .size_hint()
-            .upper()
-            .filter(|upper| *upper <= REPLAYABLE_BODY)
-            .and_then(|upper| self.retry_buffer.reserve(upper as usize));
-        let mut body = match reserved {
-            Some(reserved) => match Limited::new(body, REPLAYABLE_BODY as usize).collect().await {
+        // No body at all (most GETs) is replayable as it is, with nothing to read or reserve.
+        // Another is kept for a retry when small, declared, and the shared buffer has room.
+        let reserved = || {
+            body.size_hint()
+                .upper()
+                .filter(|upper| *upper <= REPLAYABLE_BODY)
+                .and_then(|upper| self.retry_buffer.reserve(upper as usize))
+        };
+        let mut body = if body.is_end_stream() {
+            OutBody::Replayable(Bytes::new(), None, None)
+        } else if let Some(reserved) = reserved() {
+            match Limited::new(body, REPLAYABLE_BODY as usize).collect().await {
                 Ok(collected) => {
                     let trailers = collected.trailers().cloned();
                     OutBody::Replayable(collected.to_bytes(), trailers, Some(Arc::new(reserved)))
@@ -288,8 +367,9 @@ impl Proxy {
                         json!({"error": format!("cannot read the request body: {e}"), "upstream": route.name}),
                     ))
                 }
-            },
-            None => OutBody::Streaming(body),
+            }
+        } else {
+            OutBody::Streaming(body)
         };
 
         let client = if upgrade { &self.clients.http1 } else { &self.clients.any };
@@ -353,11 +433,11 @@ impl Proxy {
                 Err(e) => return Err(upstream_error(route, &e)),
             };
             if response.status() == StatusCode::UNAUTHORIZED && is_token_refusal(response.headers()) {
-                let refetching = self.cache.reject(&route.audience, &token);
+                let refetching = audience.is_some_and(|audience| audience.reject(&token));
                 if refetching && replay && !refused_once && !upgrade {
                     refused_once = true;
                     debug!(upstream = %route.name, "the front end refused the token; retrying with a new one");
-                    match self.cache.get(&route.audience, self.token_wait).await {
+                    match self.token_for(index).await {
                         Ok(fresh) => {
                             token = fresh;
                             continue;
@@ -366,8 +446,8 @@ impl Proxy {
                     }
                 }
                 info!(upstream = %route.name, "the front end refused the token; answered as is");
-            } else {
-                self.cache.accepted(&route.audience);
+            } else if let Some(audience) = audience {
+                audience.accepted();
             }
             if response.status() == StatusCode::SWITCHING_PROTOCOLS {
                 if let Some(inbound) = inbound_upgrade {
@@ -555,6 +635,21 @@ mod tests {
         strip_hop_by_hop(&mut headers, false);
         let names: Vec<_> = headers.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["x-kept"]);
+    }
+
+    #[test]
+    fn an_upgrade_keeps_its_upgrade_headers() {
+        let mut headers = HeaderMap::new();
+        headers.append(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        headers.append(header::CONNECTION, HeaderValue::from_static("x-private"));
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        headers.insert("x-private", HeaderValue::from_static("1"));
+        headers.insert("sec-websocket-key", HeaderValue::from_static("dGhlIHNhbXBsZSBub25jZQ=="));
+        strip_hop_by_hop(&mut headers, true);
+        assert_eq!(headers[header::CONNECTION], "upgrade");
+        assert_eq!(headers[header::UPGRADE], "websocket");
+        assert!(!headers.contains_key("x-private"));
+        assert_eq!(headers.len(), 3, "{headers:?}");
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, StatusCode, Uri, Version};
 use wiproxy_common::{TokenHeader, Upstream};
 
@@ -23,6 +24,8 @@ pub struct Route {
     pub listen: Option<u16>,
     /// `host[:port]`, as written in the URL (host lower-cased, the default port dropped).
     authority: String,
+    /// The same, parsed once for the URLs requests go to.
+    origin: Option<Authority>,
     host: String,
     port: Option<u16>,
     /// The URL's path without its trailing `/`; empty for the root.
@@ -85,6 +88,7 @@ impl Routes {
                     audience: u.audience.clone(),
                     header: u.header.unwrap_or(default_header),
                     listen: u.listen,
+                    origin: Authority::try_from(authority.as_str()).ok(),
                     authority,
                     host,
                     port,
@@ -163,8 +167,7 @@ impl Routes {
         };
         check_dot_segments(rest)?;
         let route = &self.routes[index];
-        let path = format!("{}{rest}", route.base_path);
-        Ok(Destination::Upstream { index, uri: target(route, &path, uri.query())?, via: Via::Prefix })
+        Ok(Destination::Upstream { index, uri: target(route, &route.base_path, rest, uri.query())?, via: Via::Prefix })
     }
 
     /// Routes a request that came to upstream `index`'s own port: every path is the upstream's,
@@ -187,8 +190,7 @@ impl Routes {
             ));
         }
         check_dot_segments(rest)?;
-        let path = format!("{}{rest}", route.base_path);
-        Ok(Destination::Upstream { index, uri: target(route, &path, uri.query())?, via: Via::Port })
+        Ok(Destination::Upstream { index, uri: target(route, &route.base_path, rest, uri.query())?, via: Via::Port })
     }
 
     fn token(&self, method: &Method, uri: &Uri) -> Result<Destination, Refusal> {
@@ -224,7 +226,7 @@ impl Routes {
         };
         let route = &self.routes[index];
         check_dot_segments(&path[route.base_path.len()..])?;
-        Ok(Destination::Upstream { index, uri: target(route, path, uri.query())?, via: Via::Proxy })
+        Ok(Destination::Upstream { index, uri: target(route, "", path, uri.query())?, via: Via::Proxy })
     }
 
     /// The route whose URL `https://host[:port]/path` lies under on a path-segment boundary; the
@@ -289,16 +291,31 @@ impl Routes {
     }
 }
 
-fn target(route: &Route, path: &str, query: Option<&str>) -> Result<Uri, Refusal> {
-    let path = if path.is_empty() { "/" } else { path };
-    let query = match (route.base_query.as_deref(), query) {
-        (Some(base), Some(extra)) => format!("?{base}&{extra}"),
-        (Some(only), None) | (None, Some(only)) => format!("?{only}"),
-        (None, None) => String::new(),
+/// `https://<route's authority><prefix><path>[?<route's query>&<query>]`, built from its parts:
+/// the scheme and authority are the route's own, only the path and query are parsed.
+fn target(route: &Route, prefix: &str, path: &str, query: Option<&str>) -> Result<Uri, Refusal> {
+    let bad =
+        |e: &dyn std::fmt::Display| refuse(StatusCode::BAD_REQUEST, format!("cannot build the upstream URL: {e}"));
+    let mut path_and_query = String::with_capacity(
+        prefix.len() + path.len() + 2 + route.base_query.as_ref().map_or(0, String::len) + query.map_or(0, str::len),
+    );
+    path_and_query.push_str(prefix);
+    path_and_query.push_str(path);
+    if path_and_query.is_empty() {
+        path_and_query.push('/');
+    }
+    for (at, part) in route.base_query.as_deref().into_iter().chain(query).enumerate() {
+        path_and_query.push(if at == 0 { '?' } else { '&' });
+        path_and_query.push_str(part);
+    }
+    let Some(origin) = route.origin.clone() else {
+        return format!("https://{}{path_and_query}", route.authority).parse().map_err(|e| bad(&e));
     };
-    format!("https://{}{path}{query}", route.authority)
-        .parse()
-        .map_err(|e| refuse(StatusCode::BAD_REQUEST, format!("cannot build the upstream URL: {e}")))
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(Scheme::HTTPS);
+    parts.authority = Some(origin);
+    parts.path_and_query = Some(PathAndQuery::try_from(path_and_query).map_err(|e| bad(&e))?);
+    Uri::from_parts(parts).map_err(|e| bad(&e))
 }
 
 /// The header a request for `/_wiproxy/token` must carry, with the value `true`; like the
@@ -468,6 +485,7 @@ mod tests {
         ok("/root/x", "root", "https://run.example.com/x");
         ok("/root", "root", "https://run.example.com/");
         ok("/q/list?page=2", "q", "https://q.example.com/api/list?key=1&page=2");
+        ok("/q", "q", "https://q.example.com/api?key=1");
         ok("/orders/a/../b", "orders", "https://fn.example.com/orders/a/../b");
         ok("/_wiproxy/token?upstream=deep", "deep", "token");
         assert_eq!(resolve(Method::GET, "/nope/x"), Err(StatusCode::NOT_FOUND));

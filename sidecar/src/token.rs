@@ -6,11 +6,15 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
+use http::HeaderValue;
 use serde::Deserialize;
 
 #[derive(Clone, PartialEq, Eq)]
 pub struct Token {
     value: Arc<str>,
+    /// `Bearer <value>`, made once for every request that carries the token; `None` when the
+    /// value cannot be a header value.
+    bearer: Option<HeaderValue>,
     pub issued_at: SystemTime,
     pub expires_at: SystemTime,
     pub email: Option<String>,
@@ -64,12 +68,22 @@ impl Token {
         }
         // A token issued "in the future" (clock skew) counts from now, so its lifetime is not overstated.
         let issued_at = claims.iat.map(epoch).filter(|iat| *iat <= now).unwrap_or(now);
-        Ok(Self { value: Arc::from(raw.trim()), issued_at, expires_at, email: claims.email })
+        let value = raw.trim();
+        let bearer = HeaderValue::from_str(&format!("Bearer {value}")).ok().map(|mut bearer| {
+            bearer.set_sensitive(true);
+            bearer
+        });
+        Ok(Self { value: Arc::from(value), bearer, issued_at, expires_at, email: claims.email })
     }
 
     /// The bearer token, for the one header it goes into.
     pub fn secret(&self) -> &str {
         &self.value
+    }
+
+    /// `Bearer <token>` as a header value, marked sensitive.
+    pub fn bearer(&self) -> Option<&HeaderValue> {
+        self.bearer.as_ref()
     }
 
     pub fn lifetime(&self) -> Duration {
@@ -132,6 +146,9 @@ mod tests {
         assert!(!token.servable(epoch(1_003_570)));
         assert_eq!(token.email.as_deref(), Some("a@b"));
         assert!(!format!("{token:?}").contains(token.secret()));
+        let bearer = token.bearer().expect("a header value");
+        assert!(bearer.is_sensitive());
+        assert_eq!(bearer.to_str().expect("text"), format!("Bearer {}", token.secret()));
 
         let short = Token::parse(&jwt(serde_json::json!({"iat": 1_000_000, "exp": 1_000_020})), now).expect("valid");
         assert_eq!(short.serve_margin(), Duration::from_secs(2));
