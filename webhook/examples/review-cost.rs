@@ -13,6 +13,10 @@ use wiproxy_webhook::policy::PolicySet;
 use wiproxy_webhook::review::Endpoint;
 use wiproxy_webhook::{yaml, Webhook};
 
+/// The allocator the webhook binary runs with, so the count is the binary's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let [_, review, policies, cluster, count] = args.as_slice() else {

@@ -17,6 +17,12 @@ use wiproxy_webhook::server::{self, ServeConfig};
 use wiproxy_webhook::tls::ReloadingCertificate;
 use wiproxy_webhook::{certs, cluster, yaml, Webhook};
 
+/// mimalloc rather than glibc's malloc, as in the sidecar: a review allocates and frees
+/// thousands of small blocks (a typed pod, JSON values, the patch), which mimalloc's per-thread
+/// free lists serve for far fewer instructions.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if rustls::crypto::ring::default_provider().install_default().is_err() {
