@@ -169,6 +169,15 @@ impl RequestBody {
     }
 }
 
+impl Drop for RequestBody {
+    fn drop(&mut self) {
+        // A consumer may stop at `is_end_stream` without polling for the end.
+        if let Some(open) = self._open.as_mut() {
+            open.ended |= self.inner.is_end_stream();
+        }
+    }
+}
+
 impl Body for RequestBody {
     type Data = bytes::Bytes;
     type Error = BoxError;
@@ -178,6 +187,11 @@ impl Body for RequestBody {
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(frame) => {
                 this.sleep = None;
+                if frame.is_none() {
+                    if let Some(open) = this._open.as_mut() {
+                        open.ended = true;
+                    }
+                }
                 if !matches!(frame, Some(Ok(_))) {
                     this._open = None;
                 }
@@ -259,6 +273,9 @@ struct Activity {
     /// The driver is taking the stream back from hyper: hyper's shutdown of the stream is
     /// skipped, so the connection stays open.
     keep_open: AtomicBool,
+    /// A request body was dropped before its end: hyper then closes the connection after the
+    /// response (it cannot find the next request), and must be let do so.
+    unfinished: AtomicBool,
 }
 
 impl Activity {
@@ -271,6 +288,7 @@ impl Activity {
             read_blocked: AtomicBool::new(false),
             write_blocked: AtomicBool::new(false),
             keep_open: AtomicBool::new(false),
+            unfinished: AtomicBool::new(false),
         }
     }
 
@@ -302,6 +320,7 @@ impl Activity {
         self.requests() > requests
             && self.in_flight.load(Ordering::Acquire) == 0
             && self.bodies.load(Ordering::Acquire) == 0
+            && !self.unfinished.load(Ordering::Relaxed)
             && self.read_blocked.load(Ordering::Relaxed)
             && !self.write_blocked.load(Ordering::Relaxed)
     }
@@ -314,6 +333,8 @@ impl InFlight {
     fn start(activity: &Arc<Activity>) -> Self {
         activity.in_flight.fetch_add(1, Ordering::AcqRel);
         activity.requests.fetch_add(1, Ordering::Relaxed);
+        // hyper read the last body to its end, or it would not have found this request.
+        activity.unfinished.store(false, Ordering::Relaxed);
         activity.touch();
         Self(activity.clone())
     }
@@ -326,19 +347,26 @@ impl Drop for InFlight {
     }
 }
 
-/// One request body counted until it is dropped.
-struct OpenBody(Arc<Activity>);
+/// One request body counted until it ends or is dropped; dropped before its end, it marks the
+/// connection [`Activity::unfinished`].
+struct OpenBody {
+    activity: Arc<Activity>,
+    ended: bool,
+}
 
 impl OpenBody {
     fn start(activity: &Arc<Activity>) -> Self {
         activity.bodies.fetch_add(1, Ordering::AcqRel);
-        Self(activity.clone())
+        Self { activity: activity.clone(), ended: false }
     }
 }
 
 impl Drop for OpenBody {
     fn drop(&mut self) {
-        self.0.bodies.fetch_sub(1, Ordering::AcqRel);
+        if !self.ended {
+            self.activity.unfinished.store(true, Ordering::Relaxed);
+        }
+        self.activity.bodies.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -952,6 +980,38 @@ mod tests {
         let mut rest = Vec::new();
         let read = tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut rest)).await;
         assert!(matches!(read, Ok(Ok(0))), "the idle connection was not closed: {read:?} {rest:?}");
+    }
+
+    /// A request body that stopped arriving (answered after the body timeout) makes hyper close
+    /// the connection after the answer: it is not kept open as if it were between requests.
+    #[tokio::test]
+    async fn a_connection_whose_body_stalled_is_closed_after_the_answer() {
+        use http_body_util::BodyExt;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let (_stop, stopped) = watch::channel(false);
+        let service = || {
+            hyper::service::service_fn(|request: Request<RequestBody>| async move {
+                let read = request.into_body().collect().await;
+                Ok::<_, std::convert::Infallible>(Response::new(String::from(if read.is_ok() {
+                    "read"
+                } else {
+                    "stalled"
+                })))
+            })
+        };
+        let policy = ConnectionPolicy::new("test", 4)
+            .header_timeout(Duration::from_secs(600))
+            .idle_timeout(Duration::from_secs(600))
+            .body_timeout(Duration::from_secs(1));
+        tokio::spawn(serve(listener, policy, stopped, Duration::from_secs(1), |s| async move { Some(s) }, service));
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        stream.write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123").await.expect("write");
+        assert_eq!(read_response(&mut stream).await, "stalled");
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut rest)).await;
+        assert!(matches!(read, Ok(Ok(0))), "the connection was kept: {read:?} {rest:?}");
     }
 
     /// On shutdown, a connection waiting between requests is closed, and the drain ends.
