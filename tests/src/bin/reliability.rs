@@ -323,10 +323,14 @@ async fn main() -> anyhow::Result<()> {
     let body = review_body(4 * 1024 * 1024 - review_body(0).len() - 4096);
     // One after another, as the acceptance bound is for one review at the limit.
     let mut ok = 0;
+    let mut failures = Vec::new();
     for _ in 0..4 {
         let stream = tls_connect(webhook.addr, &tls).await?;
-        if exchange(stream, &post(&body), Duration::from_secs(60)).await.0.starts_with("HTTP/1.1 200") {
+        let (answer, took) = exchange(stream, &post(&body), Duration::from_secs(60)).await;
+        if answer.starts_with("HTTP/1.1 200") {
             ok += 1;
+        } else {
+            failures.push(format!("{:?} after {:.1} s", answer.lines().next().unwrap_or("closed"), took.as_secs_f64()));
         }
     }
     let peak = proc.peak_mib();
@@ -337,7 +341,13 @@ async fn main() -> anyhow::Result<()> {
         leaked: 0,
         peak_rss: peak,
         held: "4".into(),
-        verdict: check(ok == 4 && peak <= 128.0, format!("{ok}/4 answered 200, peak {peak:.1} MiB <= 128")),
+        verdict: check(
+            ok == 4 && peak <= 128.0,
+            format!(
+                "{ok}/4 answered 200{}, peak {peak:.1} MiB <= 128",
+                failures.iter().map(|f| format!("; {f}")).collect::<String>()
+            ),
+        ),
     });
     let webhook_log = webhook.log();
     drop(webhook);
