@@ -30,8 +30,12 @@
 //!
 //! Beyond the page, from kube-apiserver's sources (not documented there): a list asked for
 //! `as=PartialObjectMetadata` (not `…List`), or a single object asked for `…List`, is `406`
-//! (`handlers/response.go`); the messages of `410` and `409` are the apiserver's; a watch too
-//! slow to read its events is closed (the watch cache drops a blocked watcher).
+//! (`handlers/response.go`); the combinations the table calls invalid are `422`
+//! (apimachinery's `ValidateListOptions`), except a continue token with a resourceVersion, which
+//! the page gives as `400`; the messages of `410` and `409` are the apiserver's; a watch too
+//! slow to read its events is closed (the watch cache drops a blocked watcher). The continue
+//! token's `n` (items already returned, for `remainingItemCount`) is the fake's own: the token is
+//! opaque to clients.
 //!
 //! Simplified: JSON only (no Protobuf, YAML, CBOR or Table); no label or field selectors, no
 //! streaming lists (`sendInitialEvents`), refused with `400` rather than ignored; merge patches
