@@ -229,7 +229,12 @@ http {{
   }}""",
             pin=True,
         )
-        env = self.sidecar_env(fakes_env, fakes_dir / "ca.pem", "bench=https://bench.example.com", SIDECAR_PORT, SIDECAR_ADMIN)
+        # The connection cap (256 by default) raised past the idle-connection step's 10,000, as a
+        # platform team would for an app that keeps that many open.
+        env = self.sidecar_env(
+            fakes_env, fakes_dir / "ca.pem", "bench=https://bench.example.com", SIDECAR_PORT, SIDECAR_ADMIN,
+            {"WIPROXY_MAX_CONNECTIONS": "12000"},
+        )
         started = time.monotonic()
         sidecar = self.spawn("wiproxy", [self.release / "wiproxy"], env=env, pin=True)
         assert self.wait_http(f"http://127.0.0.1:{SIDECAR_ADMIN}/readyz"), "the sidecar never got ready"
