@@ -2,7 +2,8 @@
 # make bench: builds what it measures, installs wrk, nginx and valgrind when missing, then runs
 # bench/bench.py, which prints every figure and writes bench/RESULTS.md (see its docstring for
 # how the comparison is kept fair). BENCH_SECONDS (per wrk run, default 5), BENCH_ROUNDS
-# (default 3) and BENCH_PROXY_CPUS (taskset list, default every core) tune it.
+# (default 3) and BENCH_PROXY_CPUS (taskset list, default every core) tune it; BENCH_ONLY=cluster
+# measures only the webhook against the fake Kubernetes API server and prints its report.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,8 +19,12 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 
 started=$(date +%s)
-cargo build -q --locked --release -p wiproxy-sidecar -p wiproxy-webhook --bins
-cargo build -q --locked --release -p wiproxy-webhook --example review-cost
+if [ "${BENCH_ONLY:-}" = cluster ]; then
+  cargo build -q --locked --release -p wiproxy-webhook --bins
+else
+  cargo build -q --locked --release -p wiproxy-sidecar -p wiproxy-webhook --bins
+  cargo build -q --locked --release -p wiproxy-webhook --example review-cost
+fi
 cargo build -q --locked -p wiproxy-tests --bins
 echo "built in $(($(date +%s) - started)) s"
 # Cargo's target directory as cargo resolves it (the Makefile passes it; CARGO_TARGET_DIR counts).

@@ -6,6 +6,6 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|path: &str| {
     if !wiproxy_sidecar::routes::climbs_out(path) {
-        assert!(wiproxy_fuzz::stays_inside(path), "{path:?} let through but climbs out");
+        assert!(wiproxy_sidecar::routes::stays_inside_decoded(path), "{path:?} let through but climbs out");
     }
 });

@@ -55,45 +55,6 @@ pub fn inside(routes: &Routes, destination: &Destination) -> Result<(), String> 
     Ok(())
 }
 
-/// RFC 3986 `remove_dot_segments` on the percent-decoded path, counting depth: whether it
-/// stays at or below its start.
-pub fn stays_inside(path: &str) -> bool {
-    let decoded = percent_decode(path);
-    let mut depth = 0i64;
-    for segment in decoded.split('/') {
-        match segment {
-            "" | "." => {}
-            ".." => {
-                depth -= 1;
-                if depth < 0 {
-                    return false;
-                }
-            }
-            _ => depth += 1,
-        }
-    }
-    true
-}
-
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 2 < bytes.len() + 1 && i + 2 <= bytes.len().saturating_sub(1) {
-            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok());
-            if let Some(byte) = hex {
-                out.push(byte);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 fn cluster_documents() -> Vec<Value> {
     let text = yaml::read_file(Path::new(CLUSTER_FILE)).expect("cluster file");
     yaml::parse_stream(&text, CLUSTER_FILE).expect("cluster file parses")

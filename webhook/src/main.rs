@@ -107,7 +107,7 @@ fn from_files(
     Ok(Started { webhook, synced: None, certificate: Arc::new(certificate) })
 }
 
-/// In a cluster: reflector stores, policies watched (unless from a file), the serving pair from
+/// In a cluster: the watched index, policies watched (unless from a file), the serving pair from
 /// files or the self-signed Secret.
 async fn in_cluster(
     args: &ServeArgs,

@@ -145,6 +145,9 @@ fn is_native(container: &Container) -> bool {
 /// `istio-init` fixes its rules at injection and runs after every other init container: there
 /// the annotations change nothing, and a native sidecar starts before the rules exist.)
 pub fn add_exclusions(pod: &Pod, meshes: &[Mesh], admin_port: u16, patch: &mut Vec<PatchOperation>) {
+    if meshes.iter().all(|m| m.native_proxy.is_some()) {
+        return;
+    }
     let existing = pod.metadata.annotations.clone().unwrap_or_default();
     let mut annotations = existing.clone();
     for mesh in meshes.iter().filter(|m| m.native_proxy.is_none()) {

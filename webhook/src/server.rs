@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use axum::body::HttpBody;
 use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -16,7 +17,7 @@ use hyper_util::service::TowerToHyperService;
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tracing::field::Empty;
 use tracing::{debug, info, info_span, warn, Instrument};
@@ -31,6 +32,13 @@ use crate::Webhook;
 /// Largest review body accepted. Kubernetes objects stay under 1.5 MiB; a review may carry the
 /// object twice (object and oldObject).
 pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
+
+/// Review bodies held at once, in bytes: four at the largest size. A review costs a few times
+/// its body while it is decided (the parsed pod, the patch, the answer), so this bounds the
+/// webhook's memory however many reviews arrive together; reviews of a usual size (a few KiB)
+/// never wait for it. Past it, a review waits up to the body timeout for the budget, then
+/// gets 503.
+pub const REVIEW_BUDGET_BYTES: usize = 4 * MAX_BODY_BYTES;
 
 /// How the admission port and the admin port treat their connections (see docs/webhook.md,
 /// "Connection limits"). Every value is a flag, with env `WIPROXY_WEBHOOK_<FLAG>`.
@@ -101,6 +109,9 @@ pub struct AppState {
     pub max_body_bytes: usize,
     /// Longest time to receive a whole review body.
     pub body_timeout: Duration,
+    /// [`REVIEW_BUDGET_BYTES`] in KiB permits: a review holds its declared length (or the
+    /// largest body, when it declares none) from before its body is read until it is answered.
+    pub review_budget: Arc<Semaphore>,
 }
 
 impl AppState {
@@ -112,6 +123,7 @@ impl AppState {
             synced: Arc::new(AtomicBool::new(true)),
             max_body_bytes: MAX_BODY_BYTES,
             body_timeout: Duration::from_secs(ConnectionArgs::default().body_timeout),
+            review_budget: Arc::new(Semaphore::new(REVIEW_BUDGET_BYTES / 1024)),
         }
     }
 }
@@ -152,12 +164,30 @@ async fn handle(State(state): State<AppState>, request: Request, endpoint: Endpo
         .headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .or_else(|| request.body().size_hint().exact());
     if declared.is_some_and(|length| length > state.max_body_bytes as u64) {
         state.metrics.review(endpoint.name(), "error", "body", started.elapsed().as_secs_f64());
         warn!(limit = state.max_body_bytes, "review body too large");
         return error(StatusCode::PAYLOAD_TOO_LARGE, format!("body is larger than {} bytes", state.max_body_bytes));
     }
+    let cost = declared.map_or(state.max_body_bytes, |length| length as usize).div_ceil(1024).max(1) as u32;
+    let budget = state.review_budget.clone().acquire_many_owned(cost);
+    let _held = match tokio::time::timeout(state.body_timeout, budget).await {
+        Ok(Ok(permit)) => permit,
+        _ => {
+            state.metrics.review(endpoint.name(), "error", "busy", started.elapsed().as_secs_f64());
+            warn!(bytes = cost as usize * 1024, "review waited too long for memory held by other reviews");
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "the webhook holds {} MiB of reviews at once and others filled it for {} s: the pod's controller creates it again",
+                    REVIEW_BUDGET_BYTES / 1024 / 1024,
+                    state.body_timeout.as_secs()
+                ),
+            );
+        }
+    };
     // The whole body within the body timeout: the API server sends it at once, so a body that
     // trickles in is an attack on the connection cap.
     let reading = axum::body::to_bytes(request.into_body(), state.max_body_bytes);

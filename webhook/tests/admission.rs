@@ -345,3 +345,29 @@ async fn validation_denies_a_forbidden_service_account_at_apply_time() {
     let message = answer["response"]["status"]["message"].as_str().unwrap_or_default();
     assert!(expected.contains(message), "the apply-time message equals render's:\n{message}\n{expected}");
 }
+
+#[tokio::test]
+async fn reviews_past_the_memory_budget_wait_for_it_then_get_503() {
+    let mut state = state();
+    state.body_timeout = std::time::Duration::from_millis(300);
+    // Other reviews hold all of the budget but 1 KiB.
+    let budget = state.review_budget.clone();
+    let held = budget.clone().acquire_many_owned(budget.available_permits() as u32 - 1).await.expect("budget");
+    let review = support::review_fixture().to_string();
+    assert!(review.len() > 1024, "the fixture is larger than what is left");
+    let (status, answer) = post(&state, review.clone()).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    let message = answer["error"].as_str().expect("error");
+    assert!(message.contains("MiB of reviews at once"), "{message}");
+    // A review that fits in what is left does not wait.
+    let (status, _) = post(&state, Body::from("{}")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "a small body is read and refused as malformed, not kept waiting");
+    // Released while a review waits: it is answered.
+    let mut patient = state.clone();
+    patient.body_timeout = std::time::Duration::from_secs(30);
+    let waiting = tokio::spawn(async move { post(&patient, review).await.0 });
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    drop(held);
+    assert_eq!(waiting.await.expect("task"), StatusCode::OK);
+    assert_eq!(budget.available_permits(), wiproxy_webhook::server::REVIEW_BUDGET_BYTES / 1024, "all returned");
+}

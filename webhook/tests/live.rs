@@ -6,15 +6,13 @@ mod support;
 use std::sync::Arc;
 
 use http::{Method, StatusCode};
-use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
 use kube::api::{Api, ObjectMeta, PartialObjectMeta};
-use kube::runtime::reflector::{self, store::Writer};
 use kube::runtime::watcher;
 use serde_json::{json, Value};
 use support::api::{body_json, next, no_more_calls, reply, ApiHandle};
 use wiproxy_webhook::admission;
-use wiproxy_webhook::cluster::live::{autopilot, keep_kubelet_version, supports_native_sidecars, AUTOPILOT_WEBHOOKS};
+use wiproxy_webhook::cluster::live::{autopilot, supports_native_sidecars, AUTOPILOT_WEBHOOKS};
 use wiproxy_webhook::cluster::{Cluster, LiveCluster};
 use wiproxy_webhook::config::GkeAutopilot;
 use wiproxy_webhook::inject::{NativeSidecars, SidecarSettings};
@@ -45,22 +43,19 @@ fn meta<K>(name: &str, namespace: Option<&str>, labels: Value, annotations: Valu
 }
 
 /// A webhook in cluster mode over a mocked API. The namespace `payments` (team=payments) is in
-/// its store; `service_account` is put in the store when given.
+/// its index; `service_account` is put in the index when given.
 fn webhook(service_account: Option<PartialObjectMeta<ServiceAccount>>) -> (Webhook, ApiHandle) {
     let (client, handle) = support::api::client();
-    let (namespaces, mut namespace_writer): (_, Writer<PartialObjectMeta<Namespace>>) = reflector::store();
-    namespace_writer.apply_watcher_event(&watcher::Event::Apply(meta(
+    let live = Arc::new(LiveCluster::new(client));
+    live.index().apply_namespace(watcher::Event::Apply(meta::<Namespace>(
         "payments",
         None,
         json!({"team": "payments"}),
         json!({}),
     )));
-    let (service_accounts, mut sa_writer) = reflector::store();
     if let Some(sa) = service_account {
-        sa_writer.apply_watcher_event(&watcher::Event::Apply(sa));
+        live.index().apply_service_account(watcher::Event::Apply(sa));
     }
-    let (nodes, _) = reflector::store();
-    let live = Arc::new(LiveCluster::new(client, namespaces, service_accounts, nodes));
     let policies = yaml::load_policies(std::path::Path::new(support::POLICY_FILE)).expect("policy");
     let webhook = Webhook {
         sidecar: SidecarSettings::default(),
@@ -83,7 +78,7 @@ async fn admission_reads_a_new_service_account_then_annotates_it() {
     let body = support::review_fixture().to_string();
     let api = tokio::spawn(async move {
         let (request, send) = next(&mut handle).await;
-        assert_eq!((request.method(), request.uri().path()), (&Method::GET, SA_PATH), "store miss: read it directly");
+        assert_eq!((request.method(), request.uri().path()), (&Method::GET, SA_PATH), "index miss: read it directly");
         reply(send, StatusCode::OK, sa_metadata(json!({})));
         let (request, send) = next(&mut handle).await;
         assert_eq!((request.method(), request.uri().path()), (&Method::PATCH, SA_PATH));
@@ -147,7 +142,7 @@ async fn a_dry_run_changes_nothing_in_the_cluster() {
 }
 
 #[tokio::test]
-async fn a_service_account_in_the_store_needs_no_call() {
+async fn a_service_account_in_the_index_needs_no_call() {
     let mapped = meta("orders-client", Some("payments"), json!({}), json!({"iam.gke.io/gcp-service-account": GSA}));
     let (webhook, mut handle) = webhook(Some(mapped));
     let (response, _) =
@@ -416,7 +411,7 @@ fn node(name: &str, kubelet: &str) -> Value {
     })
 }
 
-/// A webhook whose stores fill from the mocked API's lists (then its watches stay open), with
+/// A webhook whose index fills from the mocked API's lists (then its watches stay open), with
 /// native sidecars where the kubelets allow them; the review's answer.
 async fn review_with_nodes(nodes: Vec<Value>) -> (Value, Vec<Value>) {
     let (client, mut handle) = support::api::client();
@@ -453,7 +448,7 @@ async fn review_with_nodes(nodes: Vec<Value>) -> (Value, Vec<Value>) {
         seen_nodes
     });
     let live = Arc::new(LiveCluster::watch(client));
-    tokio::time::timeout(std::time::Duration::from_secs(5), live.synced()).await.expect("the stores list once");
+    tokio::time::timeout(std::time::Duration::from_secs(5), live.synced()).await.expect("the watches list once");
     let policies = yaml::load_policies(std::path::Path::new(support::POLICY_FILE)).expect("policy");
     let webhook = Webhook {
         sidecar: SidecarSettings { native: NativeSidecars::WhereKubeletsAllow, ..SidecarSettings::default() },
@@ -500,17 +495,4 @@ async fn nodes_all_at_1_29_or_newer_get_a_native_sidecar() {
     assert_eq!(response["response"]["allowed"], true, "{response}");
     assert!(sidecar_is_native(&response));
     assert!(!response["response"]["warnings"].to_string().contains("kubelet"), "{response}");
-}
-
-#[test]
-fn the_node_store_keeps_the_kubelet_version_only() {
-    let mut stored: Node = serde_json::from_value(node("pool-a-1", "v1.30.5")).expect("a node");
-    keep_kubelet_version(&mut stored);
-    let kept = serde_json::to_value(&stored).expect("serializes");
-    assert_eq!(
-        kept,
-        json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "pool-a-1", "resourceVersion": "7"}, "status": {"nodeInfo": {
-            "architecture": "", "bootID": "", "containerRuntimeVersion": "", "kernelVersion": "", "kubeProxyVersion": "",
-            "kubeletVersion": "v1.30.5", "machineID": "", "operatingSystem": "", "osImage": "", "systemUUID": ""}}})
-    );
 }

@@ -1,27 +1,27 @@
-//! The webhook in a cluster: reflector stores of Namespaces and ServiceAccounts (metadata only)
-//! and of Nodes (name and kubelet version only), the ServiceAccount annotation Workload Identity
-//! needs, Events on the owner of a denied pod, and the probes behind `--native-sidecars auto`
-//! and `--gke-autopilot auto`.
+//! The webhook in a cluster: the compact index of Namespaces, ServiceAccounts (metadata only)
+//! and Nodes that the watches feed, the ServiceAccount annotation Workload Identity needs, Events
+//! on the owner of a denied pod, and the probes behind `--native-sidecars auto` and
+//! `--gke-autopilot auto`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
+use futures_util::{Stream, StreamExt};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::ReplicaSet;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{Namespace, Node, NodeStatus, NodeSystemInfo, ObjectReference, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, Node, ObjectReference, ServiceAccount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, PartialObjectMeta, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::Client;
 use serde_json::json;
 use tracing::{debug, info, warn};
 use wiproxy_common::GKE_SERVICE_ACCOUNT_ANNOTATION;
 
+use super::index::{ClusterIndex, IndexedMeta};
 use super::{ClusterState, KsaLookup, NodeKubelet, NAMESPACE_NAME_LABEL};
 use crate::config::GkeAutopilot;
 
@@ -30,18 +30,16 @@ pub const MANAGER: &str = "wiproxy-webhook";
 
 pub struct LiveCluster {
     client: Client,
-    namespaces: Store<PartialObjectMeta<Namespace>>,
-    service_accounts: Store<PartialObjectMeta<ServiceAccount>>,
-    /// Nodes stripped to their name and kubelet version.
-    nodes: Store<Node>,
-    /// ServiceAccounts read directly because the store had not seen them yet (created in the same
+    /// What decisions read, fed by the watches (or, in tests, by hand).
+    index: Arc<ClusterIndex>,
+    /// ServiceAccounts read directly because the index had not seen them yet (created in the same
     /// apply), or annotated by this webhook before its watch caught up.
     recent: Mutex<HashMap<(String, String), Recent>>,
     recorder: Recorder,
 }
 
-/// How long a ServiceAccount read or annotated directly stands in for the store: by then the
-/// watch has seen it, and the store, which follows every later change, is the truth again.
+/// How long a ServiceAccount read or annotated directly stands in for the index: by then the
+/// watch has seen it, and the index, which follows every later change, is the truth again.
 pub const RECENT_TTL: Duration = Duration::from_secs(60);
 
 /// A ServiceAccount read or annotated directly, and when.
@@ -59,53 +57,70 @@ fn lookup(meta: &PartialObjectMeta<ServiceAccount>) -> KsaLookup {
     }
 }
 
+/// Feeds `apply` with a watch's events, retrying (with the watcher's backoff) on errors.
+fn spawn_watch<K: Send + 'static>(
+    events: impl Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+    index: Arc<ClusterIndex>,
+    apply: fn(&ClusterIndex, watcher::Event<K>),
+    what: &'static str,
+) {
+    tokio::spawn(events.for_each(move |event| {
+        match event {
+            Ok(event) => apply(&index, event),
+            Err(e) => warn!(error = %e, watch = what, "watch failed; retrying"),
+        }
+        std::future::ready(())
+    }));
+}
+
 impl LiveCluster {
-    pub fn new(
-        client: Client,
-        namespaces: Store<PartialObjectMeta<Namespace>>,
-        service_accounts: Store<PartialObjectMeta<ServiceAccount>>,
-        nodes: Store<Node>,
-    ) -> Self {
+    /// A cluster over `client` whose index starts empty and is fed by the caller.
+    pub fn new(client: Client) -> Self {
         let instance = std::env::var("HOSTNAME").ok();
         let recorder = Recorder::new(client.clone(), Reporter { controller: MANAGER.to_owned(), instance });
-        Self { client, namespaces, service_accounts, nodes, recent: Mutex::default(), recorder }
+        Self { client, index: Arc::default(), recent: Mutex::default(), recorder }
     }
 
-    /// Starts the watches; the returned stores fill in the background.
+    /// Starts the watches; the index fills in the background.
+    ///
+    /// Each watch lists in pages of 500 (kube's default, client-go's) at the most recent
+    /// resourceVersion, then watches from the list's resourceVersion with bookmarks. A page
+    /// holds one transient body of ~0.5 MB of metadata; larger pages would only save loopback
+    /// round trips, which are not where a sync's time goes. `any_semantic()` (the "Any" list,
+    /// `resourceVersion=0`, served from the API server's cache) would not change a paged list:
+    /// kube-core's `ListParams` leaves `resourceVersion=0` out when a `limit` is set, so the
+    /// first page would be the same request.
     pub fn watch(client: Client) -> Self {
-        let (namespaces, writer) = reflector::store();
-        let stream = watcher(Api::<PartialObjectMeta<Namespace>>::all(client.clone()), watcher::Config::default())
-            .default_backoff();
-        tokio::spawn(reflector::reflector(writer, stream).for_each(|event| async move {
-            if let Err(e) = event {
-                warn!(error = %e, "namespace watch failed; retrying");
-            }
-        }));
-        let (service_accounts, writer) = reflector::store();
-        let stream = watcher(Api::<PartialObjectMeta<ServiceAccount>>::all(client.clone()), watcher::Config::default())
-            .default_backoff();
-        tokio::spawn(reflector::reflector(writer, stream).for_each(|event| async move {
-            if let Err(e) = event {
-                warn!(error = %e, "service account watch failed; retrying");
-            }
-        }));
-        let (nodes, writer) = reflector::store();
-        let stream = watcher(Api::<Node>::all(client.clone()), watcher::Config::default())
-            .default_backoff()
-            .modify(keep_kubelet_version);
-        tokio::spawn(reflector::reflector(writer, stream).for_each(|event| async move {
-            if let Err(e) = event {
-                warn!(error = %e, "node watch failed; retrying");
-            }
-        }));
-        Self::new(client, namespaces, service_accounts, nodes)
+        let live = Self::new(client.clone());
+        let config = watcher::Config::default();
+        let namespaces = Api::<IndexedMeta<Namespace>>::all(client.clone());
+        spawn_watch(
+            watcher(namespaces, config.clone()).default_backoff(),
+            live.index.clone(),
+            ClusterIndex::apply_namespace,
+            "namespaces",
+        );
+        let service_accounts = Api::<IndexedMeta<ServiceAccount>>::all(client.clone());
+        spawn_watch(
+            watcher(service_accounts, config.clone()).default_backoff(),
+            live.index.clone(),
+            ClusterIndex::apply_service_account,
+            "serviceaccounts",
+        );
+        // Whole Nodes: the kubelet version is in their status, which metadata leaves out.
+        let nodes = Api::<Node>::all(client);
+        spawn_watch(watcher(nodes, config).default_backoff(), live.index.clone(), ClusterIndex::apply_node, "nodes");
+        live
     }
 
-    /// Waits until every store has listed once.
+    /// The index decisions read; tests feed it watcher events directly.
+    pub fn index(&self) -> &ClusterIndex {
+        &self.index
+    }
+
+    /// Waits until every watch has listed once.
     pub async fn synced(&self) {
-        let _ = self.namespaces.wait_until_ready().await;
-        let _ = self.service_accounts.wait_until_ready().await;
-        let _ = self.nodes.wait_until_ready().await;
+        self.index.synced().await;
     }
 
     /// The directly read or annotated ServiceAccount, while it is recent.
@@ -120,10 +135,9 @@ impl LiveCluster {
         recent.insert((namespace.to_owned(), name.to_owned()), Recent { lookup, resource_version, at: Instant::now() });
     }
 
-    /// Makes sure `namespace/name` is known before deciding: a store miss is read from the API.
+    /// Makes sure `namespace/name` is known before deciding: an index miss is read from the API.
     pub async fn ensure_service_account(&self, namespace: &str, name: &str) {
-        let key = ObjectRef::new(name).within(namespace);
-        if self.service_accounts.get(&key).is_some() || self.recent(namespace, name).is_some() {
+        if self.index.service_account(namespace, name).is_some() || self.recent(namespace, name).is_some() {
             return;
         }
         let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), namespace);
@@ -145,10 +159,10 @@ impl LiveCluster {
     /// overwriting a mapping nobody decided on.
     pub async fn annotate_service_account(&self, namespace: &str, name: &str, gsa: &str) -> Result<(), kube::Error> {
         let api: Api<ServiceAccount> = Api::namespaced(self.client.clone(), namespace);
-        let read = match self.service_accounts.get(&ObjectRef::new(name).within(namespace)) {
-            Some(meta) => meta.metadata.resource_version.clone(),
-            None => self.recent(namespace, name).and_then(|r| r.resource_version),
-        };
+        let read = self
+            .index
+            .service_account_version(namespace, name)
+            .or_else(|| self.recent(namespace, name).and_then(|r| r.resource_version));
         let mut patch = json!({"metadata": {"annotations": {GKE_SERVICE_ACCOUNT_ANNOTATION: gsa}}});
         if let Some(resource_version) = read {
             patch["metadata"]["resourceVersion"] = json!(resource_version);
@@ -211,11 +225,7 @@ fn controller_of(owners: Option<&[OwnerReference]>) -> Option<&OwnerReference> {
 
 impl ClusterState for LiveCluster {
     fn namespace_labels(&self, namespace: &str) -> BTreeMap<String, String> {
-        let mut labels = self
-            .namespaces
-            .get(&ObjectRef::new(namespace))
-            .and_then(|ns| ns.metadata.labels.clone())
-            .unwrap_or_default();
+        let mut labels = self.index.namespace_labels(namespace).unwrap_or_default();
         labels.insert(NAMESPACE_NAME_LABEL.to_owned(), namespace.to_owned());
         labels
     }
@@ -225,34 +235,15 @@ impl ClusterState for LiveCluster {
         if let Some(Recent { lookup: mapped @ KsaLookup::Mapped(_), .. }) = &recent {
             return mapped.clone();
         }
-        if let Some(meta) = self.service_accounts.get(&ObjectRef::new(name).within(namespace)) {
-            return lookup(&meta);
+        if let Some(found) = self.index.service_account(namespace, name) {
+            return found;
         }
         recent.map(|r| r.lookup).unwrap_or(KsaLookup::Missing)
     }
 
     fn oldest_kubelet(&self) -> Option<NodeKubelet> {
-        NodeKubelet::oldest(self.nodes.state().iter().map(|node| {
-            let version = node.status.as_ref().and_then(|s| s.node_info.as_ref()).map(|i| i.kubelet_version.as_str());
-            NodeKubelet::new(node.metadata.name.as_deref().unwrap_or_default(), version.unwrap_or_default())
-        }))
+        self.index.oldest_kubelet()
     }
-}
-
-/// A Node as the store keeps it: its name and kubelet version, nothing else (a Node's status
-/// lists its images and conditions, kilobytes per node that no decision reads).
-pub fn keep_kubelet_version(node: &mut Node) {
-    let kubelet_version =
-        node.status.as_ref().and_then(|s| s.node_info.as_ref()).map(|i| i.kubelet_version.clone()).unwrap_or_default();
-    let name = node.metadata.name.take();
-    let resource_version = node.metadata.resource_version.take();
-    *node = Node::default();
-    node.metadata.name = name;
-    node.metadata.resource_version = resource_version;
-    node.status = Some(NodeStatus {
-        node_info: Some(NodeSystemInfo { kubelet_version, ..NodeSystemInfo::default() }),
-        ..NodeStatus::default()
-    });
 }
 
 /// API group served on GKE Autopilot clusters (its workload allowlists); the Dynatrace operator's

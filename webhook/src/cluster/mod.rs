@@ -3,6 +3,7 @@
 //! the Workload Identity mapping of ServiceAccounts) and applies the effects a decision asks for.
 
 pub mod files;
+pub mod index;
 pub mod live;
 
 use std::collections::BTreeMap;
@@ -84,12 +85,12 @@ pub struct EffectFailed(pub Denial);
 pub enum Cluster {
     /// `--cluster-file`: no Kubernetes API; effects are logged for the operator.
     Files(StaticCluster),
-    /// Reflector stores of the API server's objects, and the API for effects.
+    /// The compact index the API server's watches feed, and the API for effects.
     Live(Arc<LiveCluster>),
 }
 
 impl Cluster {
-    /// Makes sure the state a decision about `namespace/ksa` reads is at hand: a store miss is
+    /// Makes sure the state a decision about `namespace/ksa` reads is at hand: an index miss is
     /// read from the API (a ServiceAccount created in the same apply as its workload).
     pub async fn load(&self, namespace: &str, ksa: &str) {
         if let Self::Live(live) = self {
