@@ -20,7 +20,7 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use tokio::time::{Instant, Sleep};
 use tracing::{debug, info, warn, Instrument};
 
@@ -32,11 +32,13 @@ type BoxError = Box<dyn StdError + Send + Sync>;
 pub struct ConnectionPolicy {
     /// Shown in logs: which listener this is.
     pub name: &'static str,
-    /// Connections served at once. Past it, the listener stops accepting: new connections wait
+    /// Connections served at once. At it, the listener accepts one more connection and closes
+    /// the longest-waiting kept-alive HTTP/1.1 connection to make room for it (as nginx reuses
+    /// its kept-alive connections when it runs out); with none to close, new connections wait
     /// in the kernel's backlog (and past that are refused by the kernel), so neither tasks nor
     /// file descriptors grow with the number of clients. Listeners that clone one policy share
     /// its cap.
-    pub max_connections: Arc<Semaphore>,
+    pub max_connections: Arc<Cap>,
     /// Longest time to receive a request's head (HTTP/1.1), counted from its first read, and
     /// longest wait for a request to start: on a new connection, and on HTTP/1.1 between
     /// requests (as hyper 1.12 restarts this timer when a response is written,
@@ -60,12 +62,57 @@ pub struct ConnectionPolicy {
 /// hyper refuses a smaller HTTP/1.1 buffer (`max_buf_size` asserts it).
 const MIN_HEADER_BYTES: usize = 8 * 1024;
 
+/// A connection cap: its permits, and the room asked of kept-alive connections when a new
+/// connection finds none.
+#[derive(Debug)]
+pub struct Cap {
+    permits: Arc<Semaphore>,
+    /// Kept-alive connections asked to close, and not yet closed.
+    wanted: AtomicUsize,
+    /// Wakes the longest-waiting kept-alive connection (`Notify` wakes its waiters in the
+    /// order they came).
+    reclaim: Notify,
+}
+
+impl Cap {
+    fn new(max: usize) -> Self {
+        Self { permits: Arc::new(Semaphore::new(max.max(1))), wanted: AtomicUsize::new(0), reclaim: Notify::new() }
+    }
+
+    /// A place under the cap, if one is free.
+    fn try_acquire(&self) -> Result<OwnedSemaphorePermit, TryAcquireError> {
+        self.permits.clone().try_acquire_owned()
+    }
+
+    /// A place under the cap, once one is free; meanwhile one kept-alive connection is asked
+    /// to make room. `None`: the cap was closed.
+    async fn acquire_making_room(&self) -> Option<OwnedSemaphorePermit> {
+        self.wanted.fetch_add(1, Ordering::AcqRel);
+        self.reclaim.notify_one();
+        let permit = self.permits.clone().acquire_owned().await.ok();
+        // Room made otherwise (a connection ended): the request is withdrawn.
+        let _ = self.wanted.fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| w.checked_sub(1));
+        permit
+    }
+
+    /// Whether a kept-alive connection should close now to make room: takes one request for
+    /// room, if there is one.
+    fn claim(&self) -> bool {
+        self.wanted.fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| w.checked_sub(1)).is_ok()
+    }
+
+    /// Completes once a kept-alive connection may be asked to close: check [`Cap::claim`].
+    fn reclaimed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.reclaim.notified()
+    }
+}
+
 impl ConnectionPolicy {
     /// A policy with its own connection cap.
     pub fn new(name: &'static str, max_connections: usize) -> Self {
         Self {
             name,
-            max_connections: Arc::new(Semaphore::new(max_connections.max(1))),
+            max_connections: Arc::new(Cap::new(max_connections)),
             header_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
@@ -130,6 +177,7 @@ impl ConnectionPolicy {
             between_requests: self.header_timeout.min(self.idle_timeout),
             stopping: AtomicBool::new(false),
             stop: Notify::new(),
+            cap: self.max_connections.clone(),
         }
     }
 }
@@ -536,6 +584,9 @@ struct Shared {
     /// Set, then notified, when the listener stops.
     stopping: AtomicBool,
     stop: Notify,
+    /// The listener's connection cap (shared with the listeners of the same policy), whose
+    /// new connections may ask a kept-alive one to make room.
+    cap: Arc<Cap>,
 }
 
 impl Shared {
@@ -740,9 +791,14 @@ where
                 timer.as_mut().reset(deadline);
             }
             loop {
+                // Registered before the claim is looked at, so no request for room is missed.
+                let mut reclaimed = std::pin::pin!(shared.cap.reclaimed());
+                reclaimed.as_mut().enable();
                 tokio::select! {
                     biased;
                     ready = std::future::poll_fn(|cx| io.io.poll_read_ready(cx)) => match ready {
+                        // A request for room this connection was woken for goes to the next
+                        // one when `reclaimed` is dropped (tokio's `Notified` passes it on).
                         Ok(()) => break,
                         Err(e) => {
                             debug!(error = %e, "connection ended with an error");
@@ -750,6 +806,10 @@ where
                         }
                     },
                     () = stop.as_mut() => return,
+                    () = reclaimed.as_mut() => if shared.cap.claim() {
+                        debug!("kept-alive connection closed to make room at the connection cap");
+                        return;
+                    },
                     () = timer.as_mut() => if expired(timer.as_mut(), Some(activity.last() + shared.between_requests), shared.between_requests) {
                         debug!("kept-alive connection closed after the header timeout");
                         return;
@@ -788,15 +848,6 @@ pub async fn serve<Open, Opened, Io, MakeService, S, B>(
     let (open_connections, mut drained) = mpsc::channel::<()>(1);
     let mut errors = AcceptErrors { name: policy.name, last_logged: None, quiet: 0, backoff: ACCEPT_BACKOFF_FIRST };
     loop {
-        // The permit comes first: at the cap nothing is accepted, so waiting clients stay in
-        // the kernel's backlog instead of becoming tasks and file descriptors here.
-        let permit = tokio::select! {
-            permit = policy.max_connections.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
-            () = stopped(&mut shutdown) => break,
-        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => {
@@ -804,7 +855,6 @@ pub async fn serve<Open, Opened, Io, MakeService, S, B>(
                     accepted
                 }
                 Err(e) => {
-                    drop(permit);
                     let wait = errors.failed(&e);
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => continue,
@@ -813,6 +863,20 @@ pub async fn serve<Open, Opened, Io, MakeService, S, B>(
                 }
             },
             () = stopped(&mut shutdown) => break,
+        };
+        // At the cap this one connection waits, accepted, for a kept-alive connection to make
+        // room or for one to end; the ones after it wait in the kernel's backlog, as neither
+        // tasks nor file descriptors here.
+        let permit = match policy.max_connections.try_acquire() {
+            Ok(permit) => permit,
+            Err(TryAcquireError::Closed) => break,
+            Err(TryAcquireError::NoPermits) => tokio::select! {
+                permit = policy.max_connections.acquire_making_room() => match permit {
+                    Some(permit) => permit,
+                    None => break,
+                },
+                () = stopped(&mut shutdown) => break,
+            },
         };
         let _ = stream.set_nodelay(true);
         let service =
@@ -966,6 +1030,37 @@ mod tests {
             .expect("write");
         assert_eq!(read_response(&mut stream).await, "/five");
         assert_eq!(read_response(&mut stream).await, "/six");
+    }
+
+    /// At the cap a new connection takes the place of the kept-alive connection that has waited
+    /// longest, instead of waiting for its header timeout; the other kept-alive connection is
+    /// left alone and still served.
+    #[tokio::test]
+    async fn at_the_cap_a_new_connection_takes_the_place_of_the_oldest_kept_alive_one() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let policy = ConnectionPolicy::new("test", 2)
+            .header_timeout(Duration::from_secs(600))
+            .idle_timeout(Duration::from_secs(600));
+        let (addr, _stop) = echo_server(policy).await;
+        let mut kept = Vec::new();
+        for path in ["/first", "/second"] {
+            let mut stream = TcpStream::connect(addr).await.expect("connect");
+            stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.expect("write");
+            assert_eq!(read_response(&mut stream).await, path);
+            kept.push(stream);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+
+        let mut third = TcpStream::connect(addr).await.expect("connect");
+        third.write_all(b"GET /third HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
+        let answered = tokio::time::timeout(Duration::from_secs(30), read_response(&mut third)).await;
+        assert_eq!(answered.expect("the third connection waited for a kept-alive one to time out"), "/third");
+
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(30), kept[0].read_to_end(&mut rest)).await;
+        assert!(matches!(read, Ok(Ok(0))), "the longest-waiting connection was not closed: {read:?} {rest:?}");
+        kept[1].write_all(b"GET /again HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
+        assert_eq!(read_response(&mut kept[1]).await, "/again");
     }
 
     /// A kept-alive connection that hyper let go of is still closed once the header timeout

@@ -115,6 +115,35 @@ async fn a_thousand_concurrent_first_requests_cause_one_fetch() {
     sidecar.assert_log_free_of(&world.google.minted());
 }
 
+/// A burst of connections past the cap is served at once: each new connection takes the place of
+/// a kept-alive one instead of waiting in the backlog for the header timeout (600 s here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_past_the_connection_cap_is_served_without_waiting_for_kept_alive_ones() {
+    let world = World::start().await;
+    let mut env = world.env(&format!("fn={FUNCTION_URL}"));
+    env.push(("WIPROXY_MAX_CONNECTIONS".into(), "8".into()));
+    env.push(("WIPROXY_HEADER_TIMEOUT".into(), "600".into()));
+    let sidecar = Sidecar::start(&env);
+    let http = Http::new();
+    assert_eq!(wait_ready(&http, &sidecar, READY).await.status, StatusCode::OK);
+    let url = sidecar.url("/fn/burst");
+    let requests: Vec<_> = (0..64)
+        .map(|_| {
+            let (http, url) = (http.clone(), url.clone());
+            tokio::spawn(async move { http.get(&url).await.status })
+        })
+        .collect();
+    let answered = tokio::time::timeout(Duration::from_secs(120), async {
+        for request in requests {
+            assert_eq!(request.await.expect("task"), StatusCode::OK);
+        }
+    })
+    .await;
+    assert!(answered.is_ok(), "connections past the cap waited for kept-alive ones to time out");
+    assert_eq!(world.function.requests(), 64);
+    sidecar.assert_log_free_of(&world.google.minted());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn short_tokens_refresh_ahead_under_steady_traffic() {
     let world = World::start().await;
