@@ -391,10 +391,18 @@ async fn main() -> anyhow::Result<()> {
             Some(exchange(stream, &post(&body), Duration::from_secs(60)).await.0)
         });
     }
-    let mut ok = 0;
+    // The budget holds four at once; one that finds no room within the body timeout is told
+    // so (503, and the API server's caller tries again), which is an answer, not a loss.
+    let (mut ok, mut busy, mut failures) = (0, 0, Vec::new());
     while let Some(answer) = reviews.join_next().await {
-        if answer.ok().flatten().is_some_and(|a| patched(&a)) {
-            ok += 1;
+        match answer.ok().flatten() {
+            Some(answer) if patched(&answer) => ok += 1,
+            Some(answer) if answer.starts_with("HTTP/1.1 503") && answer.contains("MiB of reviews at once") => {
+                busy += 1
+            }
+            answer => {
+                failures.push(format!("{:?}", answer.as_deref().and_then(|a| a.lines().next()).unwrap_or("closed")))
+            }
         }
     }
     let peak = proc.peak_mib();
@@ -405,7 +413,13 @@ async fn main() -> anyhow::Result<()> {
         leaked: 0,
         peak_rss: peak,
         held: "16".into(),
-        verdict: check(ok == 16 && peak <= 128.0, format!("{ok}/16 patched, peak {peak:.1} MiB <= 128")),
+        verdict: check(
+            ok + busy == 16 && ok >= 4 && peak <= 128.0,
+            format!(
+                "{ok}/16 patched, {busy} told the webhook is busy (503 past the {BODY_TIMEOUT} s body timeout){}, peak {peak:.1} MiB <= 128",
+                failures.iter().map(|f| format!("; {f}")).collect::<String>()
+            ),
+        ),
     });
     let webhook_log = webhook.log();
     drop(webhook);
