@@ -41,7 +41,7 @@ PROFILES = {
 
 UPSTREAM_PORT, NGINX_PROXY_PORT, SIDECAR_PORT, SIDECAR_ADMIN = 18443, 18080, 15080, 15081
 WEBHOOK_PORT, WEBHOOK_ADMIN, STATIC_TLS_PORT = 18444, 19090, 18445
-CALLGRIND_PORT, CALLGRIND_ADMIN = 15090, 15091
+CALLGRIND_PORT, CALLGRIND_ADMIN, NGINX_CALLGRIND_PORT = 15090, 15091, 18090
 
 
 def cpu_count(spec):
@@ -98,11 +98,16 @@ class Bench:
     # ---- nginx -----------------------------------------------------------------------------
 
     def nginx(self, name, workers, servers, pin):
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        return self.spawn(name, [nginx, "-c", self.nginx_conf(name, workers, servers)], pin=pin)
+
+    def nginx_conf(self, name, workers, servers, master=True):
         conf = self.work / f"{name}.conf"
         temp = self.work / f"{name}-temp"
         temp.mkdir(exist_ok=True)
         conf.write_text(
             f"""worker_processes {workers};
+master_process {"on" if master else "off"};
 daemon off;
 pid {self.work}/{name}.pid;
 error_log {self.work}/{name}-error.log warn;
@@ -115,8 +120,7 @@ http {{
 }}
 """
         )
-        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-        return self.spawn(name, [nginx, "-c", conf], pin=pin)
+        return conf
 
     # ---- helpers ---------------------------------------------------------------------------
 
@@ -150,9 +154,12 @@ http {{
     def measured(self, pids, url, connections, script=None):
         """wrk against url, with the CPU the processes `pids()` used per 1,000 requests."""
         before = sum(cpu_ticks(pid) for pid in pids())
+        switches_before = sum(context_switches(pid) for pid in pids())
         run = self.wrk(url, connections, script=script)
         after = sum(cpu_ticks(pid) for pid in pids())
         run["cpu_per_1k"] = (after - before) / CLK_TCK / max(run["requests"], 1) * 1000
+        switches = sum(context_switches(pid) for pid in pids()) - switches_before
+        run["switches_per_req"] = switches / max(run["requests"], 1)
         run["rss_mib"] = sum(rss_kib(pid)[0] for pid in pids()) / 1024
         return run
 
@@ -166,7 +173,7 @@ http {{
                 log(
                     f"{label} c={connections} round {round_ + 1} {name:8} {run['rps']:10.0f} req/s "
                     f"p50 {run['p50']:.3f} ms p99 {run['p99']:.3f} ms cpu/1k {run['cpu_per_1k']:.4f} s "
-                    f"rss {run['rss_mib']:.1f} MiB" + (f" NON-2XX {run['errors']}" if run["errors"] else "")
+                    f"rss {run['rss_mib']:.1f} MiB switches/req {run['switches_per_req']:.2f}" + (f" NON-2XX {run['errors']}" if run["errors"] else "")
                 )
         return {name: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for name, rs in runs.items()}
 
@@ -213,12 +220,9 @@ http {{
   }}""",
             pin=False,
         )
-        proxy = self.nginx(
-            "nginx-proxy",
-            WORKERS,
-            f"""  upstream function {{ server 127.0.0.1:{UPSTREAM_PORT}; keepalive 64; }}
+        self.proxy_servers = lambda port: f"""  upstream function {{ server 127.0.0.1:{UPSTREAM_PORT}; keepalive 64; }}
   server {{
-    listen 127.0.0.1:{NGINX_PROXY_PORT};
+    listen 127.0.0.1:{port};
     keepalive_requests 1000000;
     location / {{
       proxy_pass https://function/;
@@ -232,9 +236,8 @@ http {{
       proxy_ssl_trusted_certificate {fakes_dir}/ca.pem;
       proxy_ssl_session_reuse on;
     }}
-  }}""",
-            pin=True,
-        )
+  }}"""
+        proxy = self.nginx("nginx-proxy", WORKERS, self.proxy_servers(NGINX_PROXY_PORT), pin=True)
         # The connection cap (256 by default) raised past the idle-connection step's 10,000, as a
         # platform team would for an app that keeps that many open.
         env = self.sidecar_env(
@@ -325,8 +328,9 @@ http {{
 
     # ---- instruction counts ----------------------------------------------------------------
 
-    def callgrind(self, name, argv, env=None, drive=None):
-        """Instructions (Ir) of one run of argv under callgrind; `drive` runs against it."""
+    def callgrind(self, name, argv, env=None, drive=None, wake=None):
+        """Instructions (Ir) of one run of argv under callgrind; `drive` runs against it, and
+        `wake` after SIGTERM (valgrind acts on a signal once the process leaves its syscall)."""
         out = self.work / f"callgrind.{name}.out"
         full = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"] + [str(a) for a in argv]
         self.commands.append(" ".join(full))
@@ -337,6 +341,8 @@ http {{
                 drive()
             finally:
                 proc.send_signal(signal.SIGTERM)
+                if wake:
+                    wake()
         proc.wait(timeout=300)
         for line in out.read_text().splitlines():
             if line.startswith("totals:") or line.startswith("summary:"):
@@ -367,7 +373,28 @@ http {{
             totals[n] = self.callgrind(f"sidecar-{n}", [self.release / "wiproxy"], env=env, drive=drive)
         per_request = (totals[2200] - totals[200]) / 2000
         log(f"instructions per proxied request (sidecar, HTTP/1.1 keep-alive in, HTTPS out): {per_request:,.0f}")
-        self.results["instructions"] = {"review": per_review, "request": per_request}
+
+        # nginx proxying the same requests, one process (no master), under callgrind too.
+        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+        conf = self.nginx_conf("nginx-callgrind", 1, self.proxy_servers(NGINX_CALLGRIND_PORT), master=False)
+        nginx_totals = {}
+        for n in (200, 2200):
+
+            def drive(n=n):
+                assert self.wait_http(f"http://127.0.0.1:{NGINX_CALLGRIND_PORT}/bench/", timeout=120), "nginx under callgrind never answered"
+                sequential_requests(NGINX_CALLGRIND_PORT, "/bench/", n)
+
+            def wake():
+                # nginx waits in epoll_wait until its next timer (60 s) unless a client calls.
+                try:
+                    socket.create_connection(("127.0.0.1", NGINX_CALLGRIND_PORT), timeout=1).close()
+                except OSError:
+                    pass
+
+            nginx_totals[n] = self.callgrind(f"nginx-{n}", [nginx, "-c", conf], drive=drive, wake=wake)
+        nginx_per_request = (nginx_totals[2200] - nginx_totals[200]) / 2000
+        log(f"instructions per proxied request (nginx, the same requests): {nginx_per_request:,.0f}")
+        self.results["instructions"] = {"review": per_review, "request": per_request, "nginx_request": nginx_per_request}
 
     # ---- the webhook against nginx serving a static body over TLS --------------------------
 
@@ -598,12 +625,20 @@ spec:
         goals = []
         if "proxy" in r:
             lines += ["## Sidecar against nginx (same cores, same upstream)", ""]
-            lines += ["| connections | proxy | req/s | p50 ms | p99 ms | CPU s per 1,000 req | RSS MiB |", "|---|---|---|---|---|---|---|"]
+            lines += [
+                "| connections | proxy | req/s | p50 ms | p99 ms | CPU s per 1,000 req | context switches per req | RSS MiB |",
+                "|---|---|---|---|---|---|---|---|",
+            ]
             for c, paths in r["proxy"].items():
                 for name, run in paths.items():
                     lines.append(
-                        f"| {c} | {name} | {run['rps']:,.0f} | {run['p50']:.3f} | {run['p99']:.3f} | {run['cpu_per_1k']:.4f} | {run['rss_mib']:.1f} |"
+                        f"| {c} | {name} | {run['rps']:,.0f} | {run['p50']:.3f} | {run['p99']:.3f} | {run['cpu_per_1k']:.4f} | {run['switches_per_req']:.2f} | {run['rss_mib']:.1f} |"
                     )
+            lines += [
+                "",
+                "Context switches: voluntary and involuntary, of every thread of the proxy's processes, per request: a thread",
+                "switches out each time it waits for work (epoll, a futex).",
+            ]
             p64, p8 = r["proxy"][64], r["proxy"][8]
             ratio = p64["wiproxy"]["rps"] / p64["nginx"]["rps"]
             goals.append(("Sidecar req/s ≥ 1.0× nginx at 64 connections", f"{ratio:.2f}×", ratio >= 1.0))
@@ -656,6 +691,10 @@ spec:
             lines += [
                 f"- per review (`review-cost`: parse, decide, respond, serialise; 1,100 minus 100 reviews): {ins['review']:,.0f}",
                 f"- per proxied request (the sidecar process, 2,200 minus 200 sequential keep-alive requests): {ins['request']:,.0f}",
+                f"- per proxied request by nginx (one process, no master; the same requests to the same upstream): {ins['nginx_request']:,.0f}"
+                f" ({ins['request'] / ins['nginx_request']:.2f}× for the sidecar)",
+                "",
+                "User-space instructions only: callgrind does not see the kernel.",
                 "",
             ]
             base = BASELINE_INSTRUCTIONS_PER_REVIEW
@@ -796,6 +835,20 @@ def cpu_ticks(pid):
     except FileNotFoundError:
         return 0
     return int(fields[11]) + int(fields[12])
+
+
+def context_switches(pid):
+    """Voluntary and involuntary context switches of every thread of pid so far: a thread that
+    waits for work (epoll, a futex) switches out once per wait."""
+    total = 0
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        try:
+            for line in status.read_text().splitlines():
+                if line.startswith(("voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:")):
+                    total += int(line.split()[1])
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return total
 
 
 def rss_kib(pid):
