@@ -965,6 +965,14 @@ mod tests {
         assert!(answered > closed, "the second client was served while the first held the only slot");
     }
 
+    /// Asserts the server closes `stream` (a clean end, nothing more to read) within 30 s.
+    async fn assert_closed(stream: &mut TcpStream, what: &str) {
+        use tokio::io::AsyncReadExt;
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut rest)).await;
+        assert!(matches!(read, Ok(Ok(0))), "{what}: {read:?} {rest:?}");
+    }
+
     /// Reads one HTTP/1.1 response with a `content-length` from `stream`; its body.
     async fn read_response(stream: &mut TcpStream) -> String {
         use tokio::io::AsyncReadExt;
@@ -1037,7 +1045,7 @@ mod tests {
     /// left alone and still served.
     #[tokio::test]
     async fn at_the_cap_a_new_connection_takes_the_place_of_the_oldest_kept_alive_one() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::io::AsyncWriteExt;
         let policy = ConnectionPolicy::new("test", 2)
             .header_timeout(Duration::from_secs(600))
             .idle_timeout(Duration::from_secs(600));
@@ -1056,9 +1064,7 @@ mod tests {
         let answered = tokio::time::timeout(Duration::from_secs(30), read_response(&mut third)).await;
         assert_eq!(answered.expect("the third connection waited for a kept-alive one to time out"), "/third");
 
-        let mut rest = Vec::new();
-        let read = tokio::time::timeout(Duration::from_secs(30), kept[0].read_to_end(&mut rest)).await;
-        assert!(matches!(read, Ok(Ok(0))), "the longest-waiting connection was not closed: {read:?} {rest:?}");
+        assert_closed(&mut kept[0], "the longest-waiting connection was not closed").await;
         kept[1].write_all(b"GET /again HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
         assert_eq!(read_response(&mut kept[1]).await, "/again");
     }
@@ -1067,14 +1073,12 @@ mod tests {
     /// passes without a request.
     #[tokio::test]
     async fn a_kept_alive_wait_ends_at_the_header_timeout() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::io::AsyncWriteExt;
         let (addr, _stop) = echo_server(ConnectionPolicy::new("test", 4).header_timeout(Duration::from_secs(1))).await;
         let mut stream = TcpStream::connect(addr).await.expect("connect");
         stream.write_all(b"GET /one HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
         assert_eq!(read_response(&mut stream).await, "/one");
-        let mut rest = Vec::new();
-        let read = tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut rest)).await;
-        assert!(matches!(read, Ok(Ok(0))), "the idle connection was not closed: {read:?} {rest:?}");
+        assert_closed(&mut stream, "the idle connection was not closed").await;
     }
 
     /// A request body that stopped arriving (answered after the body timeout) makes hyper close
@@ -1082,7 +1086,7 @@ mod tests {
     #[tokio::test]
     async fn a_connection_whose_body_stalled_is_closed_after_the_answer() {
         use http_body_util::BodyExt;
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::io::AsyncWriteExt;
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("address");
         let (_stop, stopped) = watch::channel(false);
@@ -1104,15 +1108,13 @@ mod tests {
         let mut stream = TcpStream::connect(addr).await.expect("connect");
         stream.write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123").await.expect("write");
         assert_eq!(read_response(&mut stream).await, "stalled");
-        let mut rest = Vec::new();
-        let read = tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut rest)).await;
-        assert!(matches!(read, Ok(Ok(0))), "the connection was kept: {read:?} {rest:?}");
+        assert_closed(&mut stream, "the connection was kept").await;
     }
 
     /// On shutdown, a connection waiting between requests is closed, and the drain ends.
     #[tokio::test]
     async fn shutdown_closes_waiting_connections() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::io::AsyncWriteExt;
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("address");
         let (stop, stopped) = watch::channel(false);
@@ -1135,9 +1137,7 @@ mod tests {
         assert_eq!(read_response(&mut stream).await, "ok");
         tokio::time::sleep(Duration::from_millis(200)).await;
         stop.send(true).expect("stop");
-        let mut rest = Vec::new();
-        let read = tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut rest)).await;
-        assert!(matches!(read, Ok(Ok(0))), "the waiting connection was not closed: {read:?}");
+        assert_closed(&mut stream, "the waiting connection was not closed").await;
         tokio::time::timeout(Duration::from_secs(30), serving).await.expect("drained").expect("task");
     }
 
