@@ -62,8 +62,7 @@ def log(message):
 class Bench:
     def __init__(self, target, work):
         # One profile's directory holds the binaries measured and the fakes run (bench/run.sh).
-        self.release = Path(target)
-        self.debug = Path(target)
+        self.bin = Path(target)
         self.work = Path(work)
         self.procs = []
         self.results = {}
@@ -182,7 +181,7 @@ http {{
     def start_fakes(self, name, delay_ms=0):
         directory = self.work / name
         env = dict(os.environ, WIPROXY_FAKES_METADATA_DELAY_MS=str(delay_ms))
-        self.spawn(name, [self.debug / "wiproxy-fakes", directory], env=env)
+        self.spawn(name, [self.bin / "wiproxy-fakes", directory], env=env)
         for _ in range(300):
             if (directory / "env").exists():
                 break
@@ -245,7 +244,7 @@ http {{
             {"WIPROXY_MAX_CONNECTIONS": "12000"},
         )
         started = time.monotonic()
-        sidecar = self.spawn("wiproxy", [self.release / "wiproxy"], env=env, pin=True)
+        sidecar = self.spawn("wiproxy", [self.bin / "wiproxy"], env=env, pin=True)
         assert self.wait_http(f"http://127.0.0.1:{SIDECAR_ADMIN}/readyz"), "the sidecar never got ready"
         ready = time.monotonic() - started
         assert self.wait_http(f"http://127.0.0.1:{SIDECAR_PORT}/bench/"), "the sidecar does not forward"
@@ -261,7 +260,7 @@ http {{
         }
         self.results["proxy"] = {c: self.alternate("proxy", paths, c) for c in (8, 64)}
         self.results["sidecar_rss"] = {"idle": idle, "peak": rss_kib(sidecar.pid)[1] / 1024, "ready_ms": ready * 1000}
-        self.results["binary_kib"] = (self.release / "wiproxy").stat().st_size / 1024
+        self.results["binary_kib"] = (self.bin / "wiproxy").stat().st_size / 1024
         self.idle_connections(sidecar)
         self.stop(sidecar)
         self.stop(proxy)
@@ -305,7 +304,7 @@ http {{
         upstreams = ",".join(f"u{i}=https://bench.example.com/u{i}" for i in range(count))
         env = self.sidecar_env(fakes_env, fakes_dir / "ca.pem", upstreams, 15100, 15101)
         started = time.monotonic()
-        sidecar = self.spawn("wiproxy-32", [self.release / "wiproxy"], env=env, pin=True)
+        sidecar = self.spawn("wiproxy-32", [self.bin / "wiproxy"], env=env, pin=True)
         ok = self.wait_http("http://127.0.0.1:15101/readyz", timeout=60)
         ready = time.monotonic() - started
         stats = json.loads(
@@ -353,7 +352,7 @@ http {{
         fixture = ROOT / "webhook/tests/fixtures/review-pod.json"
         policy = ROOT / "examples/policy.yaml"
         cluster = ROOT / "webhook/tests/golden/cluster.yaml"
-        driver = self.release / "examples/review-cost"
+        driver = self.bin / "examples/review-cost"
         counts = {}
         for n in (100, 1100):
             counts[n] = self.callgrind(f"review-{n}", [driver, fixture, policy, cluster, n])
@@ -370,7 +369,7 @@ http {{
                 assert self.wait_http(f"http://127.0.0.1:{CALLGRIND_ADMIN}/readyz", timeout=120), "no readiness"
                 sequential_requests(CALLGRIND_PORT, "/bench/", n)
 
-            totals[n] = self.callgrind(f"sidecar-{n}", [self.release / "wiproxy"], env=env, drive=drive)
+            totals[n] = self.callgrind(f"sidecar-{n}", [self.bin / "wiproxy"], env=env, drive=drive)
         per_request = (totals[2200] - totals[200]) / 2000
         log(f"instructions per proxied request (sidecar, HTTP/1.1 keep-alive in, HTTPS out): {per_request:,.0f}")
 
@@ -400,7 +399,7 @@ http {{
 
     def webhook_serve(self, name, port, admin, extra, env=None):
         argv = [
-            self.release / "wiproxy-webhook", "--log", "warn", "serve",
+            self.bin / "wiproxy-webhook", "--log", "warn", "serve",
             "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}",
             "--tls-cert-file", self.fakes_dir / "upstream.crt", "--tls-key-file", self.fakes_dir / "upstream.key",
             "--gke-autopilot", "false",
@@ -489,7 +488,7 @@ spec:
     def kube_webhook(self, accounts, namespaces, port, admin):
         """The fake API server with `accounts` ServiceAccounts in `namespaces` namespaces, and a
         webhook against it, ready: (fake, webhook, figures of the start)."""
-        fake = self.debug / "wiproxy-fake-kube"
+        fake = self.bin / "wiproxy-fake-kube"
         directory = self.work / f"kube-{accounts}"
         server = self.spawn(
             f"fake-kube-{accounts}",
@@ -532,7 +531,7 @@ spec:
         alternate with each size's (A/B/A/B, medians of p99 at 4 connections), so the comparison
         holds on a busy machine.
         """
-        if not (self.debug / "wiproxy-fake-kube").exists():
+        if not (self.bin / "wiproxy-fake-kube").exists():
             log("no fake API server built: cluster curve skipped")
             return
         curve = {}
@@ -559,7 +558,7 @@ spec:
     def cluster_instructions(self, reviews=200):
         """Instructions per review (callgrind) by the webhook against an empty cluster and one of
         100k ServiceAccounts in 10k namespaces, after the sync: the comparison noise cannot move."""
-        fake = self.debug / "wiproxy-fake-kube"
+        fake = self.bin / "wiproxy-fake-kube"
         if not fake.exists():
             return
         body = (ROOT / "webhook/tests/fixtures/review-pod.json").read_bytes()
@@ -578,7 +577,7 @@ spec:
             webhook = self.spawn(
                 f"webhook-callgrind-{accounts}",
                 [
-                    "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", self.release / "wiproxy-webhook",
+                    "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", self.bin / "wiproxy-webhook",
                     "--log", "warn", "serve", "--listen", "127.0.0.1:18462", "--admin-listen", "127.0.0.1:19094",
                     "--tls-cert-file", self.fakes_dir / "upstream.crt", "--tls-key-file", self.fakes_dir / "upstream.key",
                     "--gke-autopilot", "false", "--policy-file", ROOT / "examples/policy.yaml", "--native-sidecars", "never",
