@@ -67,6 +67,14 @@ pub enum Denial {
     ContainerNameTaken,
     #[error("spec.volumes already has a volume named {volume:?}, which the sidecar needs for Workload Identity Federation: rename that volume")]
     VolumeNameTaken { volume: &'static str },
+    /// The review's object holds more than the webhook reads (docs/webhook.md, "Review limits").
+    #[error("{0}")]
+    TooLarge(#[from] crate::review_limits::TooLarge),
+    #[error("{} of an injected pod cannot change: the wiproxy sidecar was set up from the pod's wiproxy.io/ annotations when it was created; change them in the workload's pod template so that new pods are created with them, or delete this pod and create it again", match .annotations.as_slice() {
+        [one] => format!("annotation {one}"),
+        many => format!("annotations {}", list(many)),
+    })]
+    InjectedAnnotationsChanged { annotations: Vec<String> },
     /// The review's object (or the workload's pod template) cannot be read as a Pod.
     #[error("{0}")]
     Malformed(String),
@@ -102,6 +110,8 @@ impl Denial {
             Self::ContainerNameTaken => "container_name_taken",
             Self::VolumeNameTaken { .. } => "volume_name_taken",
             Self::Malformed(_) => "malformed_pod",
+            Self::TooLarge(_) => "too_large",
+            Self::InjectedAnnotationsChanged { .. } => "annotations_changed",
             Self::ServiceAccountPatch { .. } => "service_account_patch",
             Self::PatchEncoding(_) => "internal",
         }

@@ -14,6 +14,7 @@ pub mod policy;
 pub mod policy_status;
 pub mod render;
 pub mod review;
+pub mod review_limits;
 pub mod server;
 pub mod tls;
 pub mod workload;

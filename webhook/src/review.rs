@@ -1,8 +1,10 @@
 //! One admission review, decided. `ReviewRequest` is what the API server sent, parsed once with
-//! the object left as raw JSON; `ReviewView` is what the decision reads of it (the pod typed
-//! straight from that JSON); `decide` is the pure step that turns it into a `Decision`: the
-//! answer, the effects the cluster must apply (as data), and the labels logs and metrics carry.
-//! No I/O here.
+//! the object left as raw JSON; `ReviewView` is what the decision reads of it (the object scanned
+//! against the review limits first, then the pod typed straight from that JSON); `decide` is the
+//! pure step that turns it into a `Decision`: the answer, the effects the cluster must apply (as
+//! data), and the labels logs and metrics carry. No I/O here.
+
+use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
@@ -17,6 +19,7 @@ use crate::cluster::{ClusterState, Effect, EffectFailed};
 use crate::denial::Denial;
 use crate::inject::{inject, service_account_name, Inputs, Outcome, ServiceAccountChange, SidecarSettings};
 use crate::policy::PolicySet;
+use crate::review_limits::{self, TooLarge};
 use crate::workload::{pod_from, pod_value, TypeKey, WorkloadKind};
 
 /// The `request` of an AdmissionReview v1: the fields a decision reads, typed, and the object as
@@ -41,6 +44,8 @@ pub struct ReviewRequest<'a> {
     _user_info: IgnoredAny,
     #[serde(default, borrow)]
     pub object: Option<&'a RawValue>,
+    #[serde(default, borrow)]
+    pub old_object: Option<&'a RawValue>,
     #[serde(default)]
     pub dry_run: bool,
 }
@@ -116,6 +121,10 @@ enum Subject {
     Skip(Skip),
     /// The object (or the workload's pod template) is not a Pod: why.
     Malformed(String),
+    /// The object holds more than the webhook reads.
+    TooLarge(TooLarge),
+    /// An UPDATE of an injected pod changes these `wiproxy.io/` annotations.
+    AnnotationsChanged(Vec<String>),
     /// The pod, or the pod a workload's template makes.
     Pod(Box<Pod>),
 }
@@ -125,28 +134,50 @@ impl ReviewView {
         let kind = &request.kind;
         let kind = WorkloadKind::of(&TypeKey::new(&kind.group, &kind.version, &kind.kind));
         let object = request.object.filter(|o| o.get() != "null");
-        let pod = match (endpoint, kind, &request.operation) {
-            (Endpoint::Mutate, Some(WorkloadKind::Pod), _) if request.sub_resource.is_some() => Err(Skip::NotAPod),
-            (Endpoint::Mutate, Some(WorkloadKind::Pod), Operation::Create) => Ok(match object {
-                None => Err("request.object is missing from the review".to_owned()),
-                Some(raw) => serde_json::from_str::<Pod>(raw.get())
-                    .map_err(|e| format!("request.object is not a valid Pod: {e}")),
-            }),
-            (Endpoint::Mutate, Some(WorkloadKind::Pod), _) => Err(Skip::NotACreate),
-            (Endpoint::Mutate, _, _) => Err(Skip::NotAPod),
-            (Endpoint::Validate, Some(kind), Operation::Create | Operation::Update) if kind != WorkloadKind::Pod => {
-                // Not the hot path: a workload is read as a Value to find its template.
-                let value = object.and_then(|o| serde_json::from_str::<Value>(o.get()).ok());
-                let pointer = kind.template_pointer();
-                let template = value.as_ref().and_then(|o| o.pointer(pointer)).map(pod_value);
-                Ok(pod_from(template.as_ref(), &format!("the pod template at {pointer}")))
-            }
-            (Endpoint::Validate, _, _) => Err(Skip::NotAWorkload),
+        let old_object = request.old_object.filter(|o| o.get() != "null");
+        // Every object is scanned against the limits before anything is built from it.
+        let bounded = |raw: Option<&RawValue>, what, pod_root| {
+            raw.map_or(Ok(()), |raw| review_limits::check(raw.get(), what, pod_root)).map_err(Subject::TooLarge)
         };
-        let subject = match pod {
-            Err(skip) => Subject::Skip(skip),
-            Ok(Err(message)) => Subject::Malformed(message),
-            Ok(Ok(pod)) => Subject::Pod(Box::new(pod)),
+        let subject = match (endpoint, kind, &request.operation) {
+            (Endpoint::Mutate, Some(WorkloadKind::Pod), _) if request.sub_resource.is_some() => {
+                Subject::Skip(Skip::NotAPod)
+            }
+            (Endpoint::Mutate, Some(WorkloadKind::Pod), Operation::Create) => {
+                match (object, bounded(object, "request.object", "")) {
+                    (_, Err(too_large)) => too_large,
+                    (None, _) => Subject::Malformed("request.object is missing from the review".to_owned()),
+                    (Some(raw), Ok(())) => match serde_json::from_str::<Pod>(raw.get()) {
+                        Ok(pod) => Subject::Pod(Box::new(pod)),
+                        Err(e) => Subject::Malformed(format!("request.object is not a valid Pod: {e}")),
+                    },
+                }
+            }
+            (Endpoint::Mutate, Some(WorkloadKind::Pod), Operation::Update) => {
+                match bounded(object, "request.object", "").and(bounded(old_object, "request.oldObject", "")) {
+                    Err(too_large) => too_large,
+                    Ok(()) => annotation_update(object, old_object),
+                }
+            }
+            (Endpoint::Mutate, Some(WorkloadKind::Pod), _) => Subject::Skip(Skip::NotACreate),
+            (Endpoint::Mutate, _, _) => Subject::Skip(Skip::NotAPod),
+            (Endpoint::Validate, Some(kind), Operation::Create | Operation::Update) if kind != WorkloadKind::Pod => {
+                let pointer = kind.template_pointer();
+                match bounded(object, "request.object", pointer) {
+                    Err(too_large) => too_large,
+                    Ok(()) => {
+                        // Not the hot path, and bounded by the scan: a workload is read as a Value
+                        // to find its template.
+                        let value = object.and_then(|o| serde_json::from_str::<Value>(o.get()).ok());
+                        let template = value.as_ref().and_then(|o| o.pointer(pointer)).map(pod_value);
+                        match pod_from(template.as_ref(), &format!("the pod template at {pointer}")) {
+                            Ok(pod) => Subject::Pod(Box::new(pod)),
+                            Err(message) => Subject::Malformed(message),
+                        }
+                    }
+                }
+            }
+            (Endpoint::Validate, _, _) => Subject::Skip(Skip::NotAWorkload),
         };
         let namespace = match (request.namespace.as_deref().filter(|n| !n.is_empty()), &subject) {
             (Some(namespace), _) => Some(namespace.to_owned()),
@@ -172,7 +203,7 @@ impl ReviewView {
     fn pod(&self) -> Option<&Pod> {
         match &self.subject {
             Subject::Pod(pod) => Some(pod),
-            Subject::Skip(_) | Subject::Malformed(_) => None,
+            Subject::Skip(_) | Subject::Malformed(_) | Subject::TooLarge(_) | Subject::AnnotationsChanged(_) => None,
         }
     }
 
@@ -284,6 +315,12 @@ pub fn decide(
         Subject::Skip(skip) => return Decision::new(view, Answer::Skip(*skip)),
         // The object never reached the injection core: nothing to record on an owner.
         Subject::Malformed(message) => return Decision::new(view, Answer::Deny(Denial::Malformed(message.clone()))),
+        Subject::TooLarge(too_large) => return Decision::new(view, Answer::Deny(Denial::TooLarge(too_large.clone()))),
+        // Whoever edits the pod reads the answer: no Event.
+        Subject::AnnotationsChanged(annotations) => {
+            let denial = Denial::InjectedAnnotationsChanged { annotations: annotations.clone() };
+            return Decision::new(view, Answer::Deny(denial));
+        }
     };
     let inputs = Inputs { namespace: &view.namespace, sidecar, policies, cluster };
     let injection = match inject(pod, &inputs) {
@@ -308,4 +345,82 @@ pub fn decide(
     decision.gsa = Some(injection.gsa);
     decision.policy = injection.policy;
     decision
+}
+
+/// What an UPDATE of a pod is judged on: the `wiproxy.io/` annotations, and whether the pod
+/// was injected. Nothing else of the pod is read.
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct PodMarks {
+    metadata: MetadataMarks,
+    spec: SpecMarks,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default)]
+struct MetadataMarks {
+    annotations: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+struct SpecMarks {
+    containers: Option<Vec<NameOnly>>,
+    init_containers: Option<Vec<NameOnly>>,
+}
+
+#[derive(Deserialize)]
+struct NameOnly {
+    #[serde(default)]
+    name: String,
+}
+
+impl PodMarks {
+    fn annotation(&self, key: &str) -> Option<&str> {
+        self.metadata.annotations.as_ref()?.get(key).map(String::as_str)
+    }
+
+    fn wiproxy_annotations(&self) -> impl Iterator<Item = &str> {
+        let keys = self.metadata.annotations.iter().flat_map(|a| a.keys());
+        keys.map(String::as_str).filter(|key| key.starts_with(ANNOTATION_PREFIX))
+    }
+
+    /// Injected as `inject` tells: the sidecar and the status that describes it.
+    fn injected(&self) -> bool {
+        let containers = self.spec.containers.iter().chain(&self.spec.init_containers).flatten();
+        let has_sidecar = containers.into_iter().any(|c| c.name == wiproxy_common::SIDECAR_CONTAINER);
+        has_sidecar && self.annotation(wiproxy_common::STATUS_ANNOTATION).is_some()
+    }
+}
+
+/// The prefix of every annotation the injection reads or writes.
+const ANNOTATION_PREFIX: &str = "wiproxy.io/";
+
+/// A pod UPDATE: refused when it changes, adds or removes a `wiproxy.io/` annotation of an
+/// injected pod (the sidecar was set up from them once, at creation); any other allowed as is.
+fn annotation_update(object: Option<&RawValue>, old_object: Option<&RawValue>) -> Subject {
+    let read = |raw: Option<&RawValue>, what: &str| match raw {
+        None => Err(format!("{what} is missing from the pod UPDATE review")),
+        Some(raw) => serde_json::from_str::<PodMarks>(raw.get()).map_err(|e| format!("{what} is not a valid Pod: {e}")),
+    };
+    let (new, old) = match (read(object, "request.object"), read(old_object, "request.oldObject")) {
+        (Ok(new), Ok(old)) => (new, old),
+        (Err(message), _) | (_, Err(message)) => return Subject::Malformed(message),
+    };
+    if !old.injected() {
+        return Subject::Skip(Skip::NotACreate);
+    }
+    let mut changed: Vec<String> = old
+        .wiproxy_annotations()
+        .chain(new.wiproxy_annotations())
+        .filter(|key| old.annotation(key) != new.annotation(key))
+        .map(str::to_owned)
+        .collect();
+    changed.sort();
+    changed.dedup();
+    if changed.is_empty() {
+        Subject::Skip(Skip::NotACreate)
+    } else {
+        Subject::AnnotationsChanged(changed)
+    }
 }

@@ -371,3 +371,133 @@ async fn reviews_past_the_memory_budget_wait_for_it_then_get_503() {
     assert_eq!(waiting.await.expect("task"), StatusCode::OK);
     assert_eq!(budget.available_permits(), wiproxy_webhook::server::REVIEW_BUDGET_BYTES / 1024, "all returned");
 }
+
+/// `count` copies of `entry`, as a JSON array.
+fn repeated(entry: &str, count: usize) -> Value {
+    serde_json::from_str(&format!("[{}]", vec![entry; count].join(","))).expect("JSON array")
+}
+
+#[tokio::test]
+async fn objects_past_the_review_limits_are_denied_while_scanned_before_any_typed_parse() {
+    let state = state();
+    // Volumes that are no Volume at all: the typed parse would say `invalid type`; the scan
+    // refuses on the count first, so the refusal names the limit.
+    let volumes = with(support::review_fixture(), "/request/object/spec/volumes", repeated(r#"{"name":5}"#, 300_000));
+    let body = volumes.to_string();
+    assert!(body.len() < MAX_BODY_BYTES);
+    let (status, answer) = post(&state, body).await;
+    assert_eq!(status, StatusCode::OK, "a refusal is an AdmissionReview, not an HTTP error");
+    assert_eq!(answer["response"]["allowed"], false);
+    assert_eq!(answer["response"]["status"]["code"], 403);
+    assert_eq!(
+        answer["response"]["status"]["message"],
+        "spec.volumes has 300000 entries, more than the 256 the webhook reads: combine volumes (one projected volume can hold many ConfigMaps, Secrets and tokens), or split the workload"
+    );
+
+    // The env shape: 240,000 `{"name":"A"}` in one container.
+    let env =
+        with(support::review_fixture(), "/request/object/spec/containers/0/env", repeated(r#"{"name":"A"}"#, 240_000));
+    let (_, answer) = post(&state, env.to_string()).await;
+    let message = answer["response"]["status"]["message"].as_str().expect("message");
+    assert!(message.starts_with("spec.containers[0].env has 240000 entries, more than the 1024"), "{message}");
+
+    // A workload padded with empty arrays where no one looks.
+    let text = std::fs::read_to_string("tests/golden/deployment-plain/input.yaml").expect("golden input");
+    let mut deployment: Value = serde_yaml::from_str(&text).expect("YAML");
+    deployment["spec"]["x-padding"] = repeated("[]", 1_000_000);
+    let answer = post_to(&state, "/validate", workload_review(&deployment, "CREATE").to_string()).await;
+    assert_eq!(answer["response"]["allowed"], false);
+    let message = answer["response"]["status"]["message"].as_str().expect("message");
+    assert!(
+        message
+            .starts_with("request.object holds more than 100000 JSON values (the limit is reached at spec.x-padding["),
+        "{message}"
+    );
+
+    // At the limits, the pod is read and injected as usual.
+    let at_limit =
+        with(support::review_fixture(), "/request/object/spec/containers/0/env", repeated(r#"{"name":"A"}"#, 1024));
+    let (_, answer) = post(&state, at_limit.to_string()).await;
+    assert_eq!(answer["response"]["allowed"], true, "{answer}");
+    assert!(answer["response"]["patch"].is_string());
+}
+
+/// An UPDATE of `old` into `new`, as the API server sends it for a labelled pod.
+fn pod_update(old: &Value, new: &Value) -> Value {
+    let review = with(support::review_fixture(), "/request/operation", json!("UPDATE"));
+    let review = with(review, "/request/oldObject", old.clone());
+    with(review, "/request/object", new.clone())
+}
+
+#[tokio::test]
+async fn pod_updates_that_change_wiproxy_annotations_of_an_injected_pod_are_denied() {
+    let state = state();
+    let review = support::review_fixture();
+    let (_, response) = post(&state, review.to_string()).await;
+    let injected = support::apply_response_patch(&response, &review["request"]["object"]);
+    let annotated = |key: &str, value: Value| with(injected.clone(), &format!("/metadata/annotations/{key}"), value);
+
+    let denied = [
+        (
+            "changed",
+            annotated("wiproxy.io~1upstreams", json!("orders=https://attacker.example/")),
+            "annotation wiproxy.io/upstreams",
+        ),
+        ("added", annotated("wiproxy.io~1port", json!("16000")), "annotation wiproxy.io/port"),
+        (
+            "status removed",
+            {
+                let mut pod = injected.clone();
+                pod["metadata"]["annotations"].as_object_mut().expect("annotations").remove("wiproxy.io/status");
+                pod
+            },
+            "annotation wiproxy.io/status",
+        ),
+        (
+            "all removed",
+            with(injected.clone(), "/metadata/annotations", json!(null)),
+            "annotations wiproxy.io/status, wiproxy.io/upstreams",
+        ),
+    ];
+    for (what, new, named) in denied {
+        let (status, answer) = post(&state, pod_update(&injected, &new).to_string()).await;
+        assert_eq!(status, StatusCode::OK, "{what}");
+        assert_eq!(answer["response"]["allowed"], false, "{what}");
+        let message = answer["response"]["status"]["message"].as_str().expect("message");
+        assert!(message.starts_with(&format!("{named} of an injected pod cannot change")), "{what}: {message}");
+        assert!(message.contains("pod template"), "{what}: the fix is named: {message}");
+    }
+
+    let mut not_injected = review["request"]["object"].clone();
+    not_injected["metadata"]["annotations"]["wiproxy.io/status"] = json!("{}");
+    let allowed = [
+        ("a label", injected.clone(), with(injected.clone(), "/metadata/labels/tier", json!("gold"))),
+        ("another annotation", injected.clone(), annotated("example.com~1owner", json!("team-a"))),
+        ("the same annotations", injected.clone(), injected.clone()),
+        (
+            "a pod that was never injected",
+            review["request"]["object"].clone(),
+            with(review["request"]["object"].clone(), "/metadata/annotations/wiproxy.io~1port", json!("16000")),
+        ),
+        (
+            "a status without the sidecar",
+            not_injected.clone(),
+            with(not_injected, "/metadata/annotations/wiproxy.io~1port", json!("16000")),
+        ),
+    ];
+    for (what, old, new) in allowed {
+        let (status, answer) = post(&state, pod_update(&old, &new).to_string()).await;
+        assert_eq!(status, StatusCode::OK, "{what}");
+        assert_eq!(answer["response"]["allowed"], true, "{what}: {answer}");
+        assert!(answer["response"].get("patch").is_none(), "{what}: no patch");
+    }
+
+    // The status subresource is never judged (the chart does not send it; if it came, it passes).
+    let status_update = with(
+        pod_update(&injected, &annotated("wiproxy.io~1upstreams", json!("x"))),
+        "/request/subResource",
+        json!("status"),
+    );
+    let (_, answer) = post(&state, status_update.to_string()).await;
+    assert_eq!(answer["response"]["allowed"], true);
+}
