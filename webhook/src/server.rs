@@ -7,17 +7,18 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use axum::body::HttpBody;
+use axum::body::{Bytes, HttpBody};
 use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use http_body_util::BodyExt;
 use hyper_util::service::TowerToHyperService;
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tracing::field::Empty;
 use tracing::{debug, info, info_span, warn, Instrument};
@@ -34,10 +35,12 @@ use crate::Webhook;
 pub const MAX_BODY_BYTES: usize = 4 * 1024 * 1024;
 
 /// Review bodies held at once, in bytes: four at the largest size. A review costs a few times
-/// its body while it is decided (the parsed pod, the patch, the answer), so this bounds the
-/// webhook's memory however many reviews arrive together; reviews of a usual size (a few KiB)
-/// never wait for it. Past it, a review waits up to the body timeout for the budget, then
-/// gets 503.
+/// its body while it is decided (the scan holds nothing; the parsed pod, the patch, the answer
+/// are bounded by the review limits), so this bounds the webhook's memory however many reviews
+/// arrive together. It is charged by the bytes each body has sent, as they arrive, never by a
+/// declared length: a body that stalls holds what it sent, until the body timeout. A chunk that
+/// does not fit is refused at once with 503 (waiting would let bodies that each hold a part
+/// wait on one another).
 pub const REVIEW_BUDGET_BYTES: usize = 4 * MAX_BODY_BYTES;
 
 /// How the admission port and the admin port treat their connections (see docs/webhook.md,
@@ -109,8 +112,8 @@ pub struct AppState {
     pub max_body_bytes: usize,
     /// Longest time to receive a whole review body.
     pub body_timeout: Duration,
-    /// [`REVIEW_BUDGET_BYTES`] in KiB permits: a review holds its declared length (or the
-    /// largest body, when it declares none) from before its body is read until it is answered.
+    /// [`REVIEW_BUDGET_BYTES`] in KiB permits: a review takes them as its body's bytes arrive
+    /// and holds them until it is answered.
     pub review_budget: Arc<Semaphore>,
 }
 
@@ -171,42 +174,34 @@ async fn handle(State(state): State<AppState>, request: Request, endpoint: Endpo
         warn!(limit = state.max_body_bytes, "review body too large");
         return error(StatusCode::PAYLOAD_TOO_LARGE, format!("body is larger than {} bytes", state.max_body_bytes));
     }
-    let cost = declared.map_or(state.max_body_bytes, |length| length as usize).div_ceil(1024).max(1) as u32;
-    let budget = state.review_budget.clone().acquire_many_owned(cost);
-    let _held = match tokio::time::timeout(state.body_timeout, budget).await {
-        Ok(Ok(permit)) => permit,
-        _ => {
+    // The whole body within the body timeout: the API server sends it at once, so a body that
+    // trickles in is an attack on the connection cap.
+    let reading = read_charged(request.into_body(), state.max_body_bytes, &state.review_budget);
+    let (body, _held) = match tokio::time::timeout(state.body_timeout, reading).await {
+        Ok(Ok(read)) => read,
+        Err(_) => return body_timed_out(&state, endpoint, started),
+        Ok(Err(BodyError::Read(e))) if wiproxy_common::serve::BodyTimeout::is_cause_of(&e) => {
+            return body_timed_out(&state, endpoint, started)
+        }
+        Ok(Err(BodyError::Read(e))) => {
+            state.metrics.review(endpoint.name(), "error", "body", started.elapsed().as_secs_f64());
+            return error(StatusCode::BAD_REQUEST, format!("cannot read body: {e}"));
+        }
+        Ok(Err(BodyError::TooLarge)) => {
+            state.metrics.review(endpoint.name(), "error", "body", started.elapsed().as_secs_f64());
+            warn!(limit = state.max_body_bytes, "review body too large");
+            return error(StatusCode::PAYLOAD_TOO_LARGE, format!("body is larger than {} bytes", state.max_body_bytes));
+        }
+        Ok(Err(BodyError::Busy { read })) => {
             state.metrics.review(endpoint.name(), "error", "busy", started.elapsed().as_secs_f64());
-            warn!(bytes = cost as usize * 1024, "review waited too long for memory held by other reviews");
+            warn!(bytes = read, "review refused: the bodies of other reviews fill the memory budget");
             return error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!(
-                    "the webhook holds {} MiB of reviews at once and others filled it for {} s: the pod's controller creates it again",
-                    REVIEW_BUDGET_BYTES / 1024 / 1024,
-                    state.body_timeout.as_secs()
+                    "the webhook holds {} MiB of reviews at once and others fill it now: the pod's controller creates it again",
+                    REVIEW_BUDGET_BYTES / 1024 / 1024
                 ),
             );
-        }
-    };
-    // The whole body within the body timeout: the API server sends it at once, so a body that
-    // trickles in is an attack on the connection cap.
-    let reading = axum::body::to_bytes(request.into_body(), state.max_body_bytes);
-    let body = match tokio::time::timeout(state.body_timeout, reading).await {
-        Ok(Ok(body)) => body,
-        Err(_) => return body_timed_out(&state, endpoint, started),
-        Ok(Err(e)) if wiproxy_common::serve::BodyTimeout::is_cause_of(&e) => {
-            return body_timed_out(&state, endpoint, started)
-        }
-        Ok(Err(e)) => {
-            let too_large =
-                std::error::Error::source(&e).is_some_and(|source| source.is::<http_body_util::LengthLimitError>());
-            state.metrics.review(endpoint.name(), "error", "body", started.elapsed().as_secs_f64());
-            return if too_large {
-                warn!(limit = state.max_body_bytes, "review body too large");
-                error(StatusCode::PAYLOAD_TOO_LARGE, format!("body is larger than {} bytes", state.max_body_bytes))
-            } else {
-                error(StatusCode::BAD_REQUEST, format!("cannot read body: {e}"))
-            };
         }
     };
     let span = info_span!("review", webhook = endpoint.name(), uid = Empty, ns = Empty, object = Empty);
@@ -231,6 +226,60 @@ async fn handle(State(state): State<AppState>, request: Request, endpoint: Endpo
             error(StatusCode::BAD_REQUEST, e)
         }
     }
+}
+
+/// Why a body was not read whole.
+enum BodyError {
+    Read(axum::Error),
+    TooLarge,
+    /// The budget had no room for the next chunk; `read` bytes had arrived.
+    Busy {
+        read: usize,
+    },
+}
+
+/// Reads `body` whole, up to `max` bytes, taking a KiB of `budget` for each KiB as it arrives;
+/// the body and what it holds of the budget.
+async fn read_charged(
+    mut body: axum::body::Body,
+    max: usize,
+    budget: &Arc<Semaphore>,
+) -> Result<(Bytes, Option<OwnedSemaphorePermit>), BodyError> {
+    let mut chunks = Vec::new();
+    let (mut read, mut held_kib) = (0usize, 0usize);
+    let mut held: Option<OwnedSemaphorePermit> = None;
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.map_err(BodyError::Read)?.into_data() else { continue };
+        read += data.len();
+        if read > max {
+            return Err(BodyError::TooLarge);
+        }
+        let owed = read.div_ceil(1024) - held_kib;
+        if owed > 0 {
+            let permit = u32::try_from(owed)
+                .ok()
+                .and_then(|owed| budget.clone().try_acquire_many_owned(owed).ok())
+                .ok_or(BodyError::Busy { read })?;
+            match &mut held {
+                Some(held) => held.merge(permit),
+                None => held = Some(permit),
+            }
+            held_kib += owed;
+        }
+        chunks.push(data);
+    }
+    let body = match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.swap_remove(0),
+        _ => {
+            let mut whole = Vec::with_capacity(read);
+            for chunk in chunks {
+                whole.extend_from_slice(&chunk);
+            }
+            Bytes::from(whole)
+        }
+    };
+    Ok((body, held))
 }
 
 fn body_timed_out(state: &AppState, endpoint: Endpoint, started: Instant) -> Response {

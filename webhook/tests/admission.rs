@@ -347,29 +347,66 @@ async fn validation_denies_a_forbidden_service_account_at_apply_time() {
 }
 
 #[tokio::test]
-async fn reviews_past_the_memory_budget_wait_for_it_then_get_503() {
+async fn a_review_whose_bytes_do_not_fit_the_budget_gets_503_at_once() {
     let mut state = state();
-    state.body_timeout = std::time::Duration::from_millis(300);
+    state.body_timeout = std::time::Duration::from_secs(30);
     // Other reviews hold all of the budget but 1 KiB.
     let budget = state.review_budget.clone();
     let held = budget.clone().acquire_many_owned(budget.available_permits() as u32 - 1).await.expect("budget");
     let review = support::review_fixture().to_string();
     assert!(review.len() > 1024, "the fixture is larger than what is left");
+    let started = std::time::Instant::now();
     let (status, answer) = post(&state, review.clone()).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(started.elapsed() < std::time::Duration::from_secs(5), "refused at once, not after the body timeout");
     let message = answer["error"].as_str().expect("error");
     assert!(message.contains("MiB of reviews at once"), "{message}");
-    // A review that fits in what is left does not wait.
+    // A review that fits in what is left is read.
     let (status, _) = post(&state, Body::from("{}")).await;
     assert_eq!(status, StatusCode::BAD_REQUEST, "a small body is read and refused as malformed, not kept waiting");
-    // Released while a review waits: it is answered.
-    let mut patient = state.clone();
-    patient.body_timeout = std::time::Duration::from_secs(30);
-    let waiting = tokio::spawn(async move { post(&patient, review).await.0 });
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     drop(held);
-    assert_eq!(waiting.await.expect("task"), StatusCode::OK);
+    assert_eq!(post(&state, review).await.0, StatusCode::OK);
     assert_eq!(budget.available_permits(), wiproxy_webhook::server::REVIEW_BUDGET_BYTES / 1024, "all returned");
+}
+
+/// A body that declares `declared` bytes, sends `sent` of them, then stalls.
+fn stalled_body(declared: usize, sent: usize) -> Request<Body> {
+    use futures_util::StreamExt;
+    let first = futures_util::stream::iter((sent > 0).then(|| Ok::<_, std::io::Error>(vec![b' '; sent])));
+    let body = Body::from_stream(first.chain(futures_util::stream::pending()));
+    Request::post("/mutate")
+        .header("content-type", "application/json")
+        .header("content-length", declared.to_string())
+        .body(body)
+        .expect("request")
+}
+
+#[tokio::test]
+async fn the_budget_is_charged_by_bytes_received_not_by_declared_lengths() {
+    let mut state = state();
+    state.body_timeout = std::time::Duration::from_secs(30);
+    let total = state.review_budget.available_permits();
+    // Eight bodies declare the largest size and send nothing: together twice the budget.
+    let mut stalled = Vec::new();
+    for _ in 0..8 {
+        stalled.push(tokio::spawn(router(state.clone()).oneshot(stalled_body(MAX_BODY_BYTES, 0))));
+    }
+    // One more has sent 1 MiB of its 4: it holds that much, no more.
+    stalled.push(tokio::spawn(router(state.clone()).oneshot(stalled_body(MAX_BODY_BYTES, 1024 * 1024))));
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(state.review_budget.available_permits(), total - 1024, "only the bytes sent are held");
+    for _ in 0..5 {
+        let review = post(&state, support::review_fixture().to_string());
+        let (status, answer) =
+            tokio::time::timeout(std::time::Duration::from_secs(2), review).await.expect("answered without waiting");
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(answer["response"]["allowed"], true);
+    }
+    for request in stalled {
+        request.abort();
+        let _ = request.await;
+    }
+    assert_eq!(state.review_budget.available_permits(), total, "a body that ends gives back what it held");
 }
 
 /// `count` copies of `entry`, as a JSON array.
