@@ -13,10 +13,11 @@ use wiproxy_common::{is_service_account_email, Upstream};
 pub const API_VERSION: &str = "wiproxy.io/v1alpha1";
 pub const KIND: &str = "TokenProxyPolicy";
 /// The fields of `spec`, for catching typos in policy files (the API server prunes unknown fields).
-pub const SPEC_FIELDS: [&str; 6] = [
+pub const SPEC_FIELDS: [&str; 7] = [
     "namespaceSelector",
     "serviceAccounts",
     "upstreams",
+    "audiences",
     "defaultServiceAccount",
     "manageServiceAccounts",
     "allowDefaultKsa",
@@ -391,6 +392,18 @@ impl PolicySet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn policy_files_know_every_field_the_crd_has() {
+        use kube::CustomResourceExt;
+        let crd = serde_json::to_value(TokenProxyPolicy::crd()).expect("CRD as JSON");
+        let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"];
+        let mut in_crd: Vec<&str> = schema.as_object().expect("spec properties").keys().map(String::as_str).collect();
+        let mut in_files = SPEC_FIELDS.to_vec();
+        in_crd.sort_unstable();
+        in_files.sort_unstable();
+        assert_eq!(in_files, in_crd, "a field the cluster accepts is refused in --policy-file, or the reverse");
+    }
 
     /// The first way `glob_ends` was written, one set of positions per pattern byte: the
     /// present one must give the same ends.
