@@ -30,7 +30,17 @@ def main():
         help_text = f.read()
 
     mutating = by_kind["MutatingWebhookConfiguration"][0]["webhooks"]
-    expect(len(mutating) == 1, "one mutating webhook")
+    expect([h["name"] for h in mutating] == ["inject.wiproxy.io", "annotations.wiproxy.io"],
+           f"the injection and the annotation guard: {[h['name'] for h in mutating]}")
+    guard = mutating[1]
+    expect(guard["rules"] == [{"operations": ["UPDATE"], "apiGroups": [""], "apiVersions": ["v1"],
+                               "resources": ["pods"], "scope": "Namespaced"}], f"pod UPDATE rule: {guard['rules']}")
+    expect(guard["clientConfig"]["service"]["path"] == "/mutate", "the guard calls /mutate")
+    expect(guard["objectSelector"] == mutating[0]["objectSelector"], "the guard sees labelled pods only")
+    expect(guard["namespaceSelector"] == mutating[0]["namespaceSelector"], "the guard skips the same namespaces")
+    expect(guard["failurePolicy"] == "Ignore" and guard["sideEffects"] == "None", "the guard never blocks on an outage")
+    expect("'wiproxy.io/status' in oldObject.metadata.annotations" in guard["matchConditions"][0]["expression"],
+           "the guard is sent injected pods only")
     hook = mutating[0]
     expect(hook["admissionReviewVersions"] == ["v1"], "admissionReviewVersions v1")
     expect(hook["rules"] == [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],

@@ -218,6 +218,88 @@ fn post(body: &[u8]) -> Vec<u8> {
     request
 }
 
+fn post_to(path: &str, body: &[u8]) -> Vec<u8> {
+    let mut request = format!(
+        "POST {path} HTTP/1.1\r\nHost: wiproxy\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(body);
+    request
+}
+
+/// The pod review with `pointer` (under the pod) set to copies of `entry` filling the body to
+/// just under the 4 MiB limit, or to `bytes` when given.
+fn amplified_review(pointer: &str, entry: &str, bytes: Option<usize>) -> Vec<u8> {
+    let mut review: serde_json::Value = serde_json::from_slice(&review_body(0)).expect("JSON");
+    *review["request"]["object"].pointer_mut(pointer).expect("pointer exists") = serde_json::json!([]);
+    let size = serde_json::to_vec(&review).expect("serializes").len();
+    let count = (bytes.unwrap_or(4 * 1024 * 1024 - 4096) - size) / (entry.len() + 1);
+    let text = serde_json::to_string(&review).expect("serializes");
+    let marker = format!("\"{}\":[]", pointer.rsplit('/').next().expect("a key"));
+    text.replacen(&marker, &marker.replace("[]", &format!("[{}]", vec![entry; count].join(","))), 1).into_bytes()
+}
+
+/// A Deployment review for `/validate`, padded with `[]` in a field no one reads to just under
+/// the 4 MiB limit.
+fn padded_deployment_review() -> Vec<u8> {
+    let review: serde_json::Value = serde_json::from_slice(&review_body(0)).expect("JSON");
+    let pod = &review["request"]["object"];
+    let mut deployment = serde_json::json!({
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": "orders-client", "namespace": "payments"},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "orders-client"}},
+                 "template": {"metadata": pod["metadata"], "spec": pod["spec"]}, "x-padding": []},
+    });
+    deployment["spec"]["template"]["metadata"]["ownerReferences"] = serde_json::Value::Null;
+    let mut review = review.clone();
+    review["request"]["kind"] = serde_json::json!({"group": "apps", "version": "v1", "kind": "Deployment"});
+    review["request"]["resource"] = serde_json::json!({"group": "apps", "version": "v1", "resource": "deployments"});
+    review["request"]["name"] = "orders-client".into();
+    review["request"]["object"] = deployment;
+    let text = serde_json::to_string(&review).expect("serializes");
+    let count = (4 * 1024 * 1024 - 4096 - text.len()) / 3;
+    text.replacen("\"x-padding\":[]", &format!("\"x-padding\":[{}]", vec!["[]"; count].join(",")), 1).into_bytes()
+}
+
+/// Whether an HTTP answer is a 200 carrying a denial (an AdmissionReview, not an HTTP error).
+fn denied(answer: &str, says: &str) -> bool {
+    answer.starts_with("HTTP/1.1 200") && answer.contains(r#""allowed":false"#) && answer.contains(says)
+}
+
+/// Keeps `streams` h2 streams open on one TLS connection, each declaring a 4 MiB body and
+/// sending none of it, replacing each as the server ends it, until `until`.
+async fn hold_declared_streams(
+    addr: SocketAddr,
+    tls: Arc<rustls::ClientConfig>,
+    streams: usize,
+    until: Instant,
+) -> anyhow::Result<usize> {
+    let stream = tls_connect(addr, &tls).await?;
+    let (sender, connection) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(stream))
+            .await?;
+    tokio::spawn(connection);
+    let mut open = tokio::task::JoinSet::new();
+    let mut opened = 0;
+    while Instant::now() < until {
+        while open.len() < streams {
+            let mut sender = sender.clone();
+            let request = http::Request::post("https://localhost/mutate")
+                .header("content-type", "application/json")
+                .header("content-length", (4 * 1024 * 1024).to_string())
+                .body(http_body_util::StreamBody::new(futures_util::stream::pending::<
+                    Result<hyper::body::Frame<bytes::Bytes>, std::io::Error>,
+                >()))?;
+            open.spawn(async move { sender.send_request(request).await.map(|r| r.status().as_u16()).ok() });
+            opened += 1;
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(100), open.join_next()).await;
+    }
+    open.abort_all();
+    Ok(opened)
+}
+
 fn check(ok: bool, detail: String) -> Result<String, String> {
     if ok {
         Ok(detail)
@@ -421,6 +503,128 @@ async fn main() -> anyhow::Result<()> {
             ),
         ),
     });
+    // Parse amplification: bodies of entries that cost far more parsed than sent, each refused
+    // while it is scanned. Peak RSS per body byte is what the webhook adds over its idle RSS.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let idle = proc.status("VmRSS:") as f64 * 1024.0 / MIB;
+    let shapes = [
+        ("volumes", "/mutate", amplified_review("/spec/volumes", r#"{"name":"v"}"#, None), "spec.volumes has"),
+        (
+            "env",
+            "/mutate",
+            amplified_review("/spec/containers/0/env", r#"{"name":"A"}"#, Some(3_000_000)),
+            "spec.containers[0].env has",
+        ),
+        ("[] padding", "/validate", padded_deployment_review(), "JSON values"),
+    ];
+    for (shape, path, body, says) in &shapes {
+        proc.reset_peak();
+        let stream = tls_connect(webhook.addr, &tls).await?;
+        let (answer, took) = exchange(stream, &post_to(path, body), Duration::from_secs(30)).await;
+        let peak = proc.peak_mib();
+        let per_byte = (peak - idle) * MIB / body.len() as f64;
+        let refused = denied(&answer, says);
+        rows.push(Row {
+            attack: match *shape {
+                "volumes" => "webhook H1: 4 MiB of {\"name\":\"v\"} volumes",
+                "env" => "webhook H1: 3 MB of {\"name\":\"A\"} env entries",
+                _ => "webhook H1: 4 MiB /validate Deployment padded with []",
+            },
+            cases: 1,
+            panics: 0,
+            leaked: 0,
+            peak_rss: peak,
+            held: "1".into(),
+            verdict: check(
+                refused && took <= Duration::from_secs(10) && peak <= 96.0,
+                format!(
+                    "{} after {:.2} s; {:.1} MiB body, peak {peak:.1} MiB <= 96 (idle {idle:.1}): {per_byte:.1} bytes of peak RSS per body byte",
+                    if refused { "denied while scanned" } else { "NOT denied" },
+                    took.as_secs_f64(),
+                    body.len() as f64 / MIB,
+                ),
+            ),
+        });
+    }
+    proc.reset_peak();
+    let volumes = Arc::new(shapes[0].2.clone());
+    let mut pair = tokio::task::JoinSet::new();
+    for _ in 0..2 {
+        let (addr, tls, body) = (webhook.addr, tls.clone(), volumes.clone());
+        pair.spawn(async move {
+            let stream = tls_connect(addr, &tls).await.ok()?;
+            Some(exchange(stream, &post(&body), Duration::from_secs(30)).await)
+        });
+    }
+    let mut refused = 0;
+    let mut slowest = Duration::ZERO;
+    while let Some(answer) = pair.join_next().await {
+        if let Some((answer, took)) = answer.ok().flatten() {
+            slowest = slowest.max(took);
+            if denied(&answer, "spec.volumes has") && took <= Duration::from_secs(10) {
+                refused += 1;
+            }
+        }
+    }
+    let peak = proc.peak_mib();
+    let per_byte = (peak - idle) * MIB / (2 * volumes.len()) as f64;
+    rows.push(Row {
+        attack: "webhook H1: two 4 MiB volume reviews at once",
+        cases: 2,
+        panics: 0,
+        leaked: 0,
+        peak_rss: peak,
+        held: "2".into(),
+        verdict: check(
+            refused == 2 && peak <= 128.0,
+            format!(
+                "{refused}/2 denied within 10 s (slowest {:.2} s), peak {peak:.1} MiB <= 128: {per_byte:.1} bytes of peak RSS per body byte",
+                slowest.as_secs_f64()
+            ),
+        ),
+    });
+
+    // The review budget: 8 h2 streams on one TLS connection each declare 4 MiB (twice the
+    // budget together) and send nothing, renewed as they time out; normal reviews meanwhile.
+    proc.reset_peak();
+    let mut h2_tls = ca.client_config();
+    h2_tls.alpn_protocols = vec![b"h2".to_vec()];
+    let holding_for = Duration::from_secs(BODY_TIMEOUT * 6);
+    let holder = tokio::spawn(hold_declared_streams(webhook.addr, Arc::new(h2_tls), 8, Instant::now() + holding_for));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (mut answered, mut tried) = (0, 0);
+    let normal = review_body(0);
+    let normal_started = Instant::now();
+    while normal_started.elapsed() < holding_for - Duration::from_secs(1) {
+        tried += 1;
+        let started = Instant::now();
+        let answer = tokio::time::timeout(Duration::from_secs(5), async {
+            let stream = tls_connect(webhook.addr, &tls).await.ok()?;
+            Some(exchange(stream, &post(&normal), Duration::from_secs(5)).await.0)
+        })
+        .await
+        .ok()
+        .flatten();
+        if answer.is_some_and(|a| patched(&a)) && started.elapsed() <= Duration::from_secs(5) {
+            answered += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let opened = holder.await.ok().and_then(Result::ok).unwrap_or(0);
+    let share = answered as f64 / tried.max(1) as f64;
+    rows.push(Row {
+        attack: "webhook H2: 8 h2 streams declare 4 MiB, send none",
+        cases: tried,
+        panics: 0,
+        leaked: 0,
+        peak_rss: proc.peak_mib(),
+        held: format!("8 streams ({opened} opened)"),
+        verdict: check(
+            opened >= 8 && share >= 0.9,
+            format!("{answered}/{tried} normal reviews answered within 5 s ({:.0} % >= 90 %)", share * 100.0),
+        ),
+    });
+
     let webhook_log = webhook.log();
     drop(webhook);
 
