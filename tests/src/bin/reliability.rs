@@ -232,7 +232,9 @@ fn post_to(path: &str, body: &[u8]) -> Vec<u8> {
 /// just under the 4 MiB limit, or to `bytes` when given.
 fn amplified_review(pointer: &str, entry: &str, bytes: Option<usize>) -> Vec<u8> {
     let mut review: serde_json::Value = serde_json::from_slice(&review_body(0)).expect("JSON");
-    *review["request"]["object"].pointer_mut(pointer).expect("pointer exists") = serde_json::json!([]);
+    let (parent, key) = pointer.rsplit_once('/').expect("a pointer");
+    let parent = review["request"]["object"].pointer_mut(parent).and_then(|p| p.as_object_mut());
+    parent.expect("the parent exists").insert(key.to_owned(), serde_json::json!([]));
     let size = serde_json::to_vec(&review).expect("serializes").len();
     let count = (bytes.unwrap_or(4 * 1024 * 1024 - 4096) - size) / (entry.len() + 1);
     let text = serde_json::to_string(&review).expect("serializes");
