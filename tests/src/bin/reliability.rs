@@ -278,9 +278,11 @@ async fn hold_declared_streams(
     until: Instant,
 ) -> anyhow::Result<usize> {
     let stream = tls_connect(addr, &tls).await?;
-    let (sender, connection) =
-        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(stream))
-            .await?;
+    let (sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await?;
     tokio::spawn(connection);
     let mut open = tokio::task::JoinSet::new();
     let mut opened = 0;
