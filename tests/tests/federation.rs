@@ -201,7 +201,7 @@ async fn a_configuration_changed_after_admission_stops_the_start_and_sends_nothi
     std::fs::write(&config, edited.to_string()).expect("edit the configuration");
     let (code, log) = run_to_exit(&env, Duration::from_secs(10));
     assert_eq!(code, Some(1), "the sidecar must refuse to start: {log}");
-    assert!(log.contains("WIPROXY_CREDENTIAL_CONFIG_SHA256") && log.contains("recreate the pod"), "{log}");
+    assert!(log.contains("WIPROXY_CREDENTIAL_CONFIG_SHA256") && log.contains("Recreate the pod"), "{log}");
     assert_eq!(world.google.sts_requests.load(Ordering::SeqCst), 0, "nothing reached STS");
 
     // The file as admitted starts and serves.
