@@ -132,7 +132,9 @@ async fn exotic_path_readings_get_400_in_every_request_form() {
     }
     assert_eq!(world.function.requests(), before, "an escape reached the upstream");
     // Characters that only look alike elsewhere in a name still pass, byte for byte.
-    for (path, seen) in [("/fn/r%C3%A9sum%C3%A9", "/orders/r%C3%A9sum%C3%A9"), ("/fn/a%E2%80%A5b", "/orders/a%E2%80%A5b")] {
+    for (path, seen) in
+        [("/fn/r%C3%A9sum%C3%A9", "/orders/r%C3%A9sum%C3%A9"), ("/fn/a%E2%80%A5b", "/orders/a%E2%80%A5b")]
+    {
         let (status, answer) =
             raw(sidecar.proxy, &format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")).await;
         assert_eq!(status, 200, "{answer}");
