@@ -154,10 +154,8 @@ async fn a_configuration_naming_another_universe_stops_the_start_and_sends_nothi
         serde_json::from_slice(&std::fs::read(&config).expect("read")).expect("the configuration");
     edited["universe_domain"] = "evil.example".into();
     edited["token_url"] = "https://sts.evil.example/v1/token".into();
-    edited["service_account_impersonation_url"] = format!(
-        "https://iamcredentials.evil.example/v1/projects/-/serviceAccounts/{GSA}:generateAccessToken"
-    )
-    .into();
+    edited["service_account_impersonation_url"] =
+        format!("https://iamcredentials.evil.example/v1/projects/-/serviceAccounts/{GSA}:generateAccessToken").into();
     std::fs::write(&config, edited.to_string()).expect("edit the configuration");
     let mut env = federation_env(&world, &config);
     let pins = foreign_universe(&world).await;
