@@ -60,6 +60,10 @@ pub mod env {
     pub const EXPECTED_SERVICE_ACCOUNT: &str = "WIPROXY_EXPECTED_SERVICE_ACCOUNT";
     pub const LOG_FORMAT: &str = "WIPROXY_LOG_FORMAT";
     pub const CREDENTIALS: &str = "WIPROXY_CREDENTIALS";
+    /// Workload Identity Federation: the universe that may receive the subject token, and the
+    /// SHA-256 the credential configuration file must have.
+    pub const UNIVERSE_DOMAIN: &str = "WIPROXY_UNIVERSE_DOMAIN";
+    pub const CREDENTIAL_CONFIG_SHA256: &str = "WIPROXY_CREDENTIAL_CONFIG_SHA256";
     /// Base URL of the proxy, given to app containers.
     pub const URL: &str = "WIPROXY_URL";
 

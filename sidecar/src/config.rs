@@ -9,7 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use wiproxy_common::logging::LogFormat;
 use wiproxy_common::{parse_upstreams, TokenHeader, Upstream, UpstreamError};
 
-use crate::credentials::{Credentials, CredentialsError};
+use crate::credentials::{Credentials, CredentialsError, FederationTrust};
 use crate::http::{ClientError, Pins};
 
 #[derive(Debug, Parser)]
@@ -64,6 +64,14 @@ pub struct Settings {
     /// Where tokens come from: metadata, key-file:PATH, impersonate:GSA or external-account:PATH.
     #[arg(long, global = true, env = "WIPROXY_CREDENTIALS", default_value = "metadata")]
     pub credentials: String,
+    /// The universe whose STS and IAM Credentials may receive a federated subject token; a
+    /// credential configuration naming another universe is refused at start.
+    #[arg(long, global = true, env = "WIPROXY_UNIVERSE_DOMAIN", default_value = crate::credentials::DEFAULT_UNIVERSE_DOMAIN)]
+    pub universe_domain: String,
+    /// SHA-256 (hex) the external-account configuration file must have (the webhook sets it);
+    /// unset, the file is not checked.
+    #[arg(long, global = true, env = "WIPROXY_CREDENTIAL_CONFIG_SHA256")]
+    pub credential_config_sha256: Option<String>,
     /// Metadata server address (host[:port]).
     #[arg(long, global = true, env = "GCE_METADATA_HOST")]
     pub metadata_host: Option<String>,
@@ -169,7 +177,11 @@ impl Settings {
             admin_listen: self.admin_listen,
             token_header,
             expected_service_account,
-            credentials: Credentials::parse(&self.credentials, self.metadata_host.as_deref())?,
+            credentials: Credentials::parse(
+                &self.credentials,
+                self.metadata_host.as_deref(),
+                &FederationTrust::new(&self.universe_domain, self.credential_config_sha256.as_deref())?,
+            )?,
             tls: crate::http::tls_config(self.extra_ca_file.as_deref())?,
             pins: Pins::parse(&self.resolve)?,
             token_wait: Duration::from_secs(self.token_wait),

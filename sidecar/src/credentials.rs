@@ -19,6 +19,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::body::BoxError;
+use crate::credential_file::{self, FileError};
 use crate::http::Clients;
 use crate::source::{FetchError, TokenSource};
 use crate::token::Token;
@@ -60,14 +61,59 @@ pub enum CredentialsError {
     Unknown(String),
     #[error("WIPROXY_CREDENTIALS: impersonate:{0:?} is not a Google service account email")]
     BadServiceAccount(String),
-    #[error("WIPROXY_CREDENTIALS: cannot read key file {path}: {error}")]
-    ReadKey { path: String, error: std::io::Error },
+    #[error("WIPROXY_CREDENTIALS: cannot read the key file: {0}")]
+    ReadKey(FileError),
     #[error("WIPROXY_CREDENTIALS: key file {path} is not a service-account key ({why}): download a JSON key of type service_account")]
     BadKey { path: String, why: String },
-    #[error("WIPROXY_CREDENTIALS: cannot read credential configuration {path}: {error}")]
-    ReadExternalAccount { path: String, error: std::io::Error },
+    #[error("WIPROXY_CREDENTIALS: cannot read the credential configuration: {0}")]
+    ReadExternalAccount(FileError),
     #[error("WIPROXY_CREDENTIALS: {path} is not a usable external_account configuration: {why}")]
     BadExternalAccount { path: String, why: String },
+    #[error("WIPROXY_CREDENTIAL_CONFIG_SHA256: {0:?} is not a SHA-256 digest (64 hex digits)")]
+    BadDigest(String),
+    #[error("WIPROXY_CREDENTIALS: {path} has SHA-256 {actual}, not the {expected} of WIPROXY_CREDENTIAL_CONFIG_SHA256: the credential configuration (the pod's wiproxy.io/credential-configuration annotation) changed after the pod was admitted; nothing was sent. Recreate the pod (kubectl rollout restart) so the webhook writes it again")]
+    Tampered { path: String, actual: String, expected: String },
+    #[error("WIPROXY_CREDENTIALS: {path} has universe_domain {found:?}, but this sidecar sends tokens only to {configured} (WIPROXY_UNIVERSE_DOMAIN, set from the webhook's --universe-domain); nothing was sent. Fix universe_domain in the configuration, or the webhook's --universe-domain if the cluster really uses another universe")]
+    ForeignUniverse { path: String, found: String, configured: String },
+}
+
+/// The default universe: Google Cloud's public APIs.
+pub const DEFAULT_UNIVERSE_DOMAIN: &str = "googleapis.com";
+
+/// What the sidecar's own environment (immutable once the pod exists) says about Workload
+/// Identity Federation: the universe whose STS and IAM Credentials may receive the subject
+/// token, and the digest the configuration file must have. The file itself comes from a pod
+/// annotation that stays editable after admission, so it is trusted only as far as these allow.
+#[derive(Debug, Clone)]
+pub struct FederationTrust {
+    /// `WIPROXY_UNIVERSE_DOMAIN`, `googleapis.com` when unset.
+    pub universe_domain: String,
+    /// `WIPROXY_CREDENTIAL_CONFIG_SHA256`, lower-case hex; `None` (no check) when the sidecar
+    /// is run by hand without it.
+    pub config_sha256: Option<String>,
+}
+
+impl Default for FederationTrust {
+    fn default() -> Self {
+        Self { universe_domain: DEFAULT_UNIVERSE_DOMAIN.to_owned(), config_sha256: None }
+    }
+}
+
+impl FederationTrust {
+    /// Checks the environment's values: `universe_domain` empty means the default.
+    pub fn new(universe_domain: &str, config_sha256: Option<&str>) -> Result<Self, CredentialsError> {
+        let universe_domain = universe_domain.trim().trim_end_matches('.').to_ascii_lowercase();
+        let universe_domain =
+            if universe_domain.is_empty() { DEFAULT_UNIVERSE_DOMAIN.to_owned() } else { universe_domain };
+        let config_sha256 = match config_sha256.map(str::trim).filter(|d| !d.is_empty()) {
+            None => None,
+            Some(digest) if digest.len() == 64 && digest.bytes().all(|b| b.is_ascii_hexdigit()) => {
+                Some(digest.to_ascii_lowercase())
+            }
+            Some(other) => return Err(CredentialsError::BadDigest(other.to_owned())),
+        };
+        Ok(Self { universe_domain, config_sha256 })
+    }
 }
 
 /// The configured credentials as the cache's token source.
@@ -84,7 +130,7 @@ impl TokenSource for CredentialSource {
 
 impl Credentials {
     /// Parses `WIPROXY_CREDENTIALS`; `metadata_host` is `GCE_METADATA_HOST` when set.
-    pub fn parse(spec: &str, metadata_host: Option<&str>) -> Result<Self, CredentialsError> {
+    pub fn parse(spec: &str, metadata_host: Option<&str>, trust: &FederationTrust) -> Result<Self, CredentialsError> {
         let metadata_host = metadata_host.filter(|h| !h.is_empty()).unwrap_or(DEFAULT_METADATA_HOST).to_owned();
         let spec = spec.trim();
         if spec.is_empty() || spec == "metadata" {
@@ -100,7 +146,7 @@ impl Credentials {
             return Ok(Self::Impersonate { service_account: gsa.to_owned(), metadata_host });
         }
         if let Some(path) = spec.strip_prefix("external-account:") {
-            return Ok(Self::ExternalAccount(ExternalAccount::load(Path::new(path))?));
+            return Ok(Self::ExternalAccount(ExternalAccount::load(Path::new(path), trust)?));
         }
         Err(CredentialsError::Unknown(spec.to_owned()))
     }
@@ -133,9 +179,8 @@ impl Credentials {
 impl ServiceAccountKey {
     pub fn load(path: &Path) -> Result<Self, CredentialsError> {
         let name = path.display().to_string();
-        let text =
-            std::fs::read_to_string(path).map_err(|error| CredentialsError::ReadKey { path: name.clone(), error })?;
-        let key: Self = serde_json::from_str(&text)
+        let bytes = credential_file::read(path).map_err(CredentialsError::ReadKey)?;
+        let key: Self = serde_json::from_slice(&bytes)
             .map_err(|e| CredentialsError::BadKey { path: name.clone(), why: e.to_string() })?;
         key.signer().map_err(|why| CredentialsError::BadKey { path: name, why })?;
         Ok(key)
@@ -249,6 +294,25 @@ pub struct ExternalAccount {
     federated: Arc<tokio::sync::Mutex<Option<(String, SystemTime)>>>,
 }
 
+/// Why a configuration is refused: a foreign universe gets its own message.
+#[derive(Debug)]
+enum Refused {
+    Universe(String),
+    Other(String),
+}
+
+impl From<String> for Refused {
+    fn from(why: String) -> Self {
+        Self::Other(why)
+    }
+}
+
+impl From<&str> for Refused {
+    fn from(why: &str) -> Self {
+        Self::Other(why.to_owned())
+    }
+}
+
 #[derive(Deserialize)]
 struct ExternalAccountFile {
     #[serde(rename = "type")]
@@ -288,31 +352,56 @@ const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
 const CLOUD_PLATFORM_SCOPE: &str = "https://www.googleapis.com/auth/cloud-platform";
 
 impl ExternalAccount {
-    pub fn load(path: &Path) -> Result<Self, CredentialsError> {
+    /// Reads the configuration at `path`, checked against `trust` before anything else: a file
+    /// whose digest or universe the environment does not allow is refused, and nothing is sent.
+    pub fn load(path: &Path, trust: &FederationTrust) -> Result<Self, CredentialsError> {
         let name = path.display().to_string();
-        let text = std::fs::read_to_string(path)
-            .map_err(|error| CredentialsError::ReadExternalAccount { path: name.clone(), error })?;
-        Self::parse(&text).map_err(|why| CredentialsError::BadExternalAccount { path: name, why })
+        let bytes = credential_file::read(path).map_err(CredentialsError::ReadExternalAccount)?;
+        if let Some(expected) = &trust.config_sha256 {
+            let actual: String = ring::digest::digest(&ring::digest::SHA256, &bytes)
+                .as_ref()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            if actual != *expected {
+                return Err(CredentialsError::Tampered { path: name, actual, expected: expected.clone() });
+            }
+        }
+        let text = String::from_utf8(bytes).map_err(|_| CredentialsError::BadExternalAccount {
+            path: name.clone(),
+            why: "it is not UTF-8 JSON".to_owned(),
+        })?;
+        Self::parse(&text, &trust.universe_domain).map_err(|why| match why {
+            Refused::Universe(found) => {
+                CredentialsError::ForeignUniverse { path: name, found, configured: trust.universe_domain.clone() }
+            }
+            Refused::Other(why) => CredentialsError::BadExternalAccount { path: name, why },
+        })
     }
 
-    fn parse(text: &str) -> Result<Self, String> {
+    fn parse(text: &str, universe_domain: &str) -> Result<Self, Refused> {
         let file: ExternalAccountFile = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        // The universe is the environment's: the file may only agree with it.
+        if !file.universe_domain.trim_end_matches('.').eq_ignore_ascii_case(universe_domain) {
+            return Err(Refused::Universe(file.universe_domain));
+        }
         if file.kind != "external_account" {
-            return Err(format!("type is {:?}, not \"external_account\"", file.kind));
+            return Err(format!("type is {:?}, not \"external_account\"", file.kind).into());
         }
         let subject_file = file.credential_source.file.filter(|f| !f.is_empty()).ok_or(
             "credential_source.file is missing: only file-sourced subject tokens are supported (create-cred-config --credential-source-file)",
         )?;
-        let subject_field = match file.credential_source.format {
-            None => None,
-            Some(format) if format.kind == "text" => None,
-            Some(format) if format.kind == "json" => {
-                Some(format.subject_token_field_name.ok_or(
+        let subject_field =
+            match file.credential_source.format {
+                None => None,
+                Some(format) if format.kind == "text" => None,
+                Some(format) if format.kind == "json" => Some(format.subject_token_field_name.ok_or(
                     "credential_source.format.subject_token_field_name is missing for a json subject token file",
-                )?)
-            }
-            Some(format) => return Err(format!("credential_source.format.type {:?} is not text or json", format.kind)),
-        };
+                )?),
+                Some(format) => {
+                    return Err(format!("credential_source.format.type {:?} is not text or json", format.kind).into())
+                }
+            };
         let impersonation = file.service_account_impersonation_url.ok_or(
             "service_account_impersonation_url is missing: ID tokens are minted for a Google service account (create-cred-config --service-account)",
         )?;
@@ -322,21 +411,23 @@ impl ExternalAccount {
             .filter(|(base, gsa)| base.starts_with("https://") && wiproxy_common::is_service_account_email(gsa))
             .ok_or_else(|| format!("service_account_impersonation_url {impersonation:?} is not https://…/serviceAccounts/GSA:generateAccessToken"))?;
         // The configuration can come from a pod annotation: the subject token and the federated
-        // token go to Google's own API hosts only, never to a host the file names elsewhere.
+        // token go to the configured universe's API hosts only, never to a host the file names
+        // elsewhere.
         let google_host = |url: &str| {
             url::Url::parse(url).is_ok_and(|u| {
                 u.scheme() == "https"
-                    && u.host_str().is_some_and(|h| h.ends_with(&format!(".{}", file.universe_domain)))
+                    && u.username().is_empty()
+                    && u.password().is_none()
+                    && u.host_str().is_some_and(|h| h.ends_with(&format!(".{universe_domain}")))
             })
         };
         if !google_host(&file.token_url) {
-            return Err(format!("token_url {:?} is not an https URL on {}", file.token_url, file.universe_domain));
+            return Err(format!("token_url {:?} is not an https URL on {universe_domain}", file.token_url).into());
         }
         if !google_host(base) {
-            return Err(format!(
-                "service_account_impersonation_url {impersonation:?} is not on {}",
-                file.universe_domain
-            ));
+            return Err(
+                format!("service_account_impersonation_url {impersonation:?} is not on {universe_domain}").into()
+            );
         }
         Ok(Self {
             sts_audience: file.audience,
@@ -378,7 +469,7 @@ impl ExternalAccount {
             return Ok(token.clone());
         }
         // Read on every exchange: the kubelet rotates projected tokens in place.
-        let subject = self.subject_token()?;
+        let subject = self.subject_token().await?;
         let form = url::form_urlencoded::Serializer::new(String::new())
             .append_pair("grant_type", TOKEN_EXCHANGE)
             .append_pair("audience", &self.sts_audience)
@@ -399,10 +490,20 @@ impl ExternalAccount {
         Ok(token)
     }
 
-    fn subject_token(&self) -> Result<String, FetchError> {
+    async fn subject_token(&self) -> Result<String, FetchError> {
         let path = self.subject_file.display();
-        let text = std::fs::read_to_string(&self.subject_file)
-            .map_err(|e| FetchError::Transient(format!("cannot read the subject token file {path}: {e}")))?;
+        // A missing file is transient (the kubelet writes it soon); a file that is no credential
+        // at all (a FIFO, a device, /proc, too large) is the configuration's to fix.
+        let bytes = credential_file::read_async(self.subject_file.clone()).await.map_err(|e| match e {
+            FileError::Open { .. } | FileError::Read { .. } | FileError::TimedOut { .. } => {
+                FetchError::Transient(format!("cannot read the subject token file (credential_source.file): {e}"))
+            }
+            FileError::NotAFile { .. } | FileError::Pseudo { .. } | FileError::TooLarge { .. } => {
+                FetchError::Invalid(format!("credential_source.file refused: {e}"))
+            }
+        })?;
+        let text = String::from_utf8(bytes)
+            .map_err(|_| FetchError::Invalid(format!("the subject token file {path} is not UTF-8 text")))?;
         let token = match &self.subject_field {
             None => text.trim().to_owned(),
             Some(field) => serde_json::from_str::<serde_json::Value>(&text)
@@ -499,21 +600,27 @@ mod tests {
     #[test]
     fn parses_credential_specs() {
         assert!(
-            matches!(Credentials::parse("", None), Ok(Credentials::Metadata { host }) if host == "169.254.169.254")
+            matches!(Credentials::parse("", None, &FederationTrust::default()), Ok(Credentials::Metadata { host }) if host == "169.254.169.254")
         );
         assert!(
-            matches!(Credentials::parse("metadata", Some("127.0.0.1:8080")), Ok(Credentials::Metadata { host }) if host == "127.0.0.1:8080")
+            matches!(Credentials::parse("metadata", Some("127.0.0.1:8080"), &FederationTrust::default()), Ok(Credentials::Metadata { host }) if host == "127.0.0.1:8080")
         );
         assert!(matches!(
-            Credentials::parse("impersonate:a@p.iam.gserviceaccount.com", None),
+            Credentials::parse("impersonate:a@p.iam.gserviceaccount.com", None, &FederationTrust::default()),
             Ok(Credentials::Impersonate { .. })
         ));
-        assert!(matches!(Credentials::parse("impersonate:nobody", None), Err(CredentialsError::BadServiceAccount(_))));
         assert!(matches!(
-            Credentials::parse("key-file:/nonexistent.json", None),
-            Err(CredentialsError::ReadKey { .. })
+            Credentials::parse("impersonate:nobody", None, &FederationTrust::default()),
+            Err(CredentialsError::BadServiceAccount(_))
         ));
-        assert!(matches!(Credentials::parse("vault", None), Err(CredentialsError::Unknown(_))));
+        assert!(matches!(
+            Credentials::parse("key-file:/nonexistent.json", None, &FederationTrust::default()),
+            Err(CredentialsError::ReadKey(_))
+        ));
+        assert!(matches!(
+            Credentials::parse("vault", None, &FederationTrust::default()),
+            Err(CredentialsError::Unknown(_))
+        ));
     }
 
     #[test]
@@ -531,7 +638,10 @@ mod tests {
             for (key, field) in change.as_object().into_iter().flatten() {
                 value[key] = field.clone();
             }
-            ExternalAccount::parse(&value.to_string())
+            ExternalAccount::parse(&value.to_string(), DEFAULT_UNIVERSE_DOMAIN).map_err(|why| match why {
+                Refused::Universe(found) => format!("universe {found}"),
+                Refused::Other(why) => why,
+            })
         };
         let account = config(json!({})).expect("the gcloud shape");
         assert_eq!(account.service_account, "invoker@p.iam.gserviceaccount.com");
@@ -557,11 +667,66 @@ mod tests {
                 json!({"service_account_impersonation_url": "https://iamcredentials.attacker.example/v1/projects/-/serviceAccounts/a@p.iam.gserviceaccount.com:generateAccessToken"}),
                 "not on googleapis.com",
             ),
+            (json!({"token_url": "https://user@sts.googleapis.com/v1/token"}), "token_url"),
+            // The file cannot move the universe: a foreign one is refused whatever its URLs say.
+            (
+                json!({"universe_domain": "evil.example", "token_url": "https://sts.evil.example/v1/token"}),
+                "universe evil.example",
+            ),
         ];
         for (change, named) in refusals {
             let why = config(change.clone()).err().unwrap_or_default();
             assert!(why.contains(named), "{change}: {why}");
         }
+    }
+
+    #[test]
+    fn the_environment_decides_the_universe_and_the_configuration() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("credential-configuration.json");
+        let write = |universe: &str| {
+            let text = json!({
+                "universe_domain": universe,
+                "type": "external_account",
+                "audience": "//iam.googleapis.com/projects/1/locations/global/workloadIdentityPools/p/providers/c",
+                "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
+                "token_url": format!("https://sts.{universe}/v1/token"),
+                "credential_source": {"file": "/var/run/wiproxy/token"},
+                "service_account_impersonation_url": format!("https://iamcredentials.{universe}/v1/projects/-/serviceAccounts/a@p.iam.gserviceaccount.com:generateAccessToken"),
+            })
+            .to_string();
+            std::fs::write(&path, &text).expect("write");
+            ring::digest::digest(&ring::digest::SHA256, text.as_bytes())
+                .as_ref()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        };
+        let digest = write("googleapis.com");
+        let trust = |universe: &str, digest: Option<&str>| FederationTrust::new(universe, digest).expect("trust");
+        assert!(ExternalAccount::load(&path, &trust("", None)).is_ok(), "by hand: the default universe, no digest");
+        assert!(ExternalAccount::load(&path, &trust("googleapis.com", Some(&digest.to_uppercase()))).is_ok());
+        let tampered = ExternalAccount::load(&path, &trust("googleapis.com", Some(&"0".repeat(64))));
+        let message = tampered.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            message.contains("WIPROXY_CREDENTIAL_CONFIG_SHA256") && message.contains("rollout restart"),
+            "{message}"
+        );
+        let other = ExternalAccount::load(&path, &trust("example-universe.com", None));
+        let message = other.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            message.contains("universe_domain \"googleapis.com\"") && message.contains("WIPROXY_UNIVERSE_DOMAIN"),
+            "{message}"
+        );
+        let evil = write("evil.example");
+        let foreign = ExternalAccount::load(&path, &trust("googleapis.com", Some(&evil)));
+        let message = foreign.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(message.contains("\"evil.example\"") && message.contains("--universe-domain"), "{message}");
+        assert!(
+            ExternalAccount::load(&path, &trust("evil.example", Some(&evil))).is_ok(),
+            "a universe the webhook chose"
+        );
+        assert!(matches!(FederationTrust::new("", Some("abc")), Err(CredentialsError::BadDigest(_))));
     }
 
     #[test]

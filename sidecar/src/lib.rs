@@ -5,6 +5,7 @@ pub mod admin;
 pub mod body;
 pub mod cache;
 pub mod config;
+pub mod credential_file;
 pub mod credentials;
 pub mod http;
 pub mod metrics;

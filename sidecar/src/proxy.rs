@@ -277,18 +277,9 @@ impl Proxy {
                 (Some(index), answered)
             }
             Ok(Destination::Upstream { index, uri: target, via }) => {
-                // How the app addressed the sidecar, kept (not copied) for a `Location` to
-                // write back.
-                let host = request.headers().get(header::HOST).cloned();
-                let authority = request.uri().authority().cloned();
                 let answered = self.forward(index, target, request).await.map(|mut response| {
                     if response.headers().contains_key(header::LOCATION) {
-                        let dialled = match (&host, &authority) {
-                            (Some(host), _) => host.to_str().ok(),
-                            (None, Some(authority)) => Some(authority.as_str()),
-                            (None, None) => None,
-                        };
-                        self.rewrite_location(&mut response, index, via, dialled);
+                        self.rewrite_location(&mut response, index, via);
                     }
                     response
                 });
@@ -308,11 +299,11 @@ impl Proxy {
         response
     }
 
-    fn rewrite_location(&self, response: &mut Response<Body>, index: usize, via: Via, dialled: Option<&str>) {
+    fn rewrite_location(&self, response: &mut Response<Body>, index: usize, via: Via) {
         let Some(location) = response.headers().get(header::LOCATION).and_then(|v| v.to_str().ok()) else {
             return;
         };
-        if let Some(rewritten) = self.routes.rewrite_location(location, index, via, dialled) {
+        if let Some(rewritten) = self.routes.rewrite_location(location, index, via) {
             if let Ok(value) = HeaderValue::from_str(&rewritten) {
                 response.headers_mut().insert(header::LOCATION, value);
             }

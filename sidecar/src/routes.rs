@@ -244,50 +244,91 @@ impl Routes {
             .map(|(index, _)| index)
     }
 
-    /// A `Location` from upstream `index`, written back to the sidecar when it points under a
-    /// configured upstream (as nginx's `proxy_redirect default` does), so the app's client
-    /// follows the redirect through the sidecar and keeps its token. `dialled` is the
-    /// `Host` the app sent. A root-relative `Location` outside every upstream is made absolute
-    /// on the upstream's origin, where it resolves. `None`: leave the header as it is.
-    pub fn rewrite_location(&self, location: &str, index: usize, via: Via, dialled: Option<&str>) -> Option<String> {
-        let from = &self.routes[index];
-        let absolute = if location.starts_with("//") {
-            format!("https:{location}")
-        } else if location.starts_with('/') {
-            format!("https://{}{location}", from.authority)
+    /// A `Location` from upstream `index`, written back to the sidecar only when it stays inside
+    /// that same upstream's URL (as nginx's `proxy_redirect default` does), so the app's client
+    /// follows the redirect through the sidecar and keeps its token. All upstreams share the
+    /// sidecar's one loopback origin: a rewrite into another upstream would let the client keep
+    /// the app's `Authorization` and cookies across what are really two origins, so a `Location`
+    /// anywhere else, or one that can be read more than one way (userinfo, `\`, spaces, an
+    /// odd authority), is left as it is and the client's own cross-origin rules apply. The
+    /// rewritten URL is built from the sidecar's configured listen address, never from the
+    /// request's `Host`. A root-relative `Location` outside the upstream is made absolute on the
+    /// upstream's origin, where it resolves. `None`: leave the header as it is.
+    pub fn rewrite_location(&self, location: &str, index: usize, via: Via) -> Option<String> {
+        let route = &self.routes[index];
+        // Whatever a client could read differently from us is left alone: backslashes (taken as
+        // `/` by browsers), whitespace and controls, anything outside visible ASCII.
+        if location.bytes().any(|b| b == b'\\' || !b.is_ascii_graphic()) {
+            return None;
+        }
+        let root_relative = location.starts_with('/') && !location.starts_with("//");
+        let after_scheme = if root_relative {
+            None
+        } else if let Some(rest) = location.strip_prefix("//") {
+            Some(rest)
+        } else if location.len() > 8 && location[..8].eq_ignore_ascii_case("https://") {
+            Some(&location[8..])
         } else {
-            location.to_owned()
+            // Relative references resolve against the sidecar's URL by themselves; `http://` and
+            // other schemes are not an upstream's.
+            return None;
         };
-        let url = url::Url::parse(&absolute).ok()?;
-        let host = url.host_str().unwrap_or_default().to_ascii_lowercase();
-        let matched = (url.scheme() == "https").then(|| self.under(&host, url.port(), url.path())).flatten();
-        let Some(to) = matched else {
-            let root_relative = location.starts_with('/') && !location.starts_with("//");
-            return (root_relative && via != Via::Proxy).then_some(absolute);
+        let (path_and_tail, same_origin) = match after_scheme {
+            None => (location, true),
+            Some(rest) => {
+                let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+                let (authority, path_and_tail) = rest.split_at(end);
+                (path_and_tail, route.is_origin(authority)?)
+            }
         };
-        let route = &self.routes[to];
-        let rest = &url.path()[route.base_path.len()..];
-        let tail = match (url.query(), url.fragment()) {
-            (Some(q), Some(f)) => format!("?{q}#{f}"),
-            (Some(q), None) => format!("?{q}"),
-            (None, Some(f)) => format!("#{f}"),
-            (None, None) => String::new(),
+        let end = path_and_tail.find(['?', '#']).unwrap_or(path_and_tail.len());
+        let (path, tail) = path_and_tail.split_at(end);
+        let inside = path
+            .strip_prefix(route.base_path.as_str())
+            .filter(|_| same_origin)
+            .filter(|rest| rest.is_empty() || rest.starts_with('/'))
+            .filter(|rest| !climbs_out(rest));
+        let Some(rest) = inside else {
+            return (root_relative && via != Via::Proxy).then(|| format!("https://{}{location}", route.authority));
         };
         let own = |port: u16| match self.listen.ip() {
             ip if ip.is_unspecified() => SocketAddr::from(([127, 0, 0, 1], port)).to_string(),
             ip => SocketAddr::new(ip, port).to_string(),
         };
-        let dialled = |expected: Via, port: u16| match dialled {
-            Some(dialled) if via == expected => dialled.to_owned(),
-            _ => own(port),
-        };
         Some(match (via, route.listen) {
-            (Via::Proxy, _) => format!("http://{}{}{tail}", route.authority, url.path()),
-            (Via::Port, Some(port)) if to == index => {
-                format!("http://{}{}{tail}", dialled(Via::Port, port), if rest.is_empty() { "/" } else { rest })
+            (Via::Proxy, _) => format!("http://{}{path}{tail}", route.authority),
+            (Via::Port, Some(port)) => {
+                format!("http://{}{}{tail}", own(port), if rest.is_empty() { "/" } else { rest })
             }
-            _ => format!("http://{}/{}{rest}{tail}", dialled(Via::Prefix, self.listen.port()), route.name),
+            _ => format!("http://{}/{}{rest}{tail}", own(self.listen.port()), route.name),
         })
+    }
+}
+
+impl Route {
+    /// Whether `authority`, as written after `https://` in a `Location`, is this route's origin:
+    /// the host compared without case, `:443` or an empty port the default. `None` when it can
+    /// be read more than one way (userinfo, percent-escapes, an IP literal, anything but a
+    /// plain DNS name and port).
+    fn is_origin(&self, authority: &str) -> Option<bool> {
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((host, port)) => (host, port),
+            None => (authority, ""),
+        };
+        let port = match port {
+            "" | "443" => None,
+            port if port.bytes().all(|b| b.is_ascii_digit()) => Some(port.parse::<u16>().ok()?),
+            _ => return None,
+        };
+        let plain = !host.is_empty()
+            && host.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+            && !host.starts_with('.')
+            && !host.contains("..");
+        if !plain {
+            return None;
+        }
+        let host = host.strip_suffix('.').unwrap_or(host);
+        Some(host.eq_ignore_ascii_case(&self.host) && port == self.port)
     }
 }
 
@@ -346,13 +387,15 @@ pub fn token_request_refusal(headers: &http::HeaderMap) -> Option<Refusal> {
 
 /// Refuses a path that would climb above its start under any reading a server might apply:
 /// dot-segments plain or percent-encoded (even twice), `/`, `\`, `%2F` or `%5C` taken as
-/// separators or not, `;` parameters stripped or not. Nothing is rewritten: a path that passes
-/// is forwarded byte for byte, so `a%2Fb` object names still reach the upstream as written.
+/// separators or not, `;` parameters stripped or not, overlong UTF-8 (`%c0%ae`), IIS's `%u002e`,
+/// look-alikes that Unicode NFKC folds to `.`, `/` or `\` (`．`, `‥`, `／`), and a segment cut
+/// short at a decoded NUL, `?` or `#`. Nothing is rewritten: a path that passes is forwarded
+/// byte for byte, so `a%2Fb` object names still reach the upstream as written.
 pub fn check_dot_segments(rest: &str) -> Result<(), Refusal> {
     if climbs_out(rest) {
         return Err(refuse(
             StatusCode::BAD_REQUEST,
-            "the path climbs out of the upstream's path with '..' (plain, percent-encoded, or with '\\', '%2F', '%5C' or ';'): remove the dot-segments",
+            "the path climbs out of the upstream's path under some server's reading of it ('..' plain, percent-encoded, overlong UTF-8, %u-escaped or a Unicode look-alike; with '\\', '%2F', '%5C' or ';'; or cut at an encoded NUL, '?' or '#'): remove the dot-segments and those encodings",
         ));
     }
     Ok(())
@@ -382,35 +425,60 @@ pub fn stays_inside_decoded(path: &str) -> bool {
 }
 
 /// Whether some reading of `path` climbs above its start. Each reading splits on `/` and,
-/// depending on the reading, on `\` and on the encoded separators, strips `;` parameters or
-/// not, and decodes each segment before comparing it with `.` and `..`. Empty segments never
-/// count as a level (a server that merges slashes reads them so).
+/// depending on the reading, on `\`, on the percent-encoded separators and on the exotic ones
+/// (overlong UTF-8, `%u` escapes, look-alikes), strips `;` parameters or not, and decodes each
+/// segment (every encoding and look-alike at once, which can only turn more segments into
+/// dot-segments) before comparing it with `.` and `..`. Empty segments never count as a level
+/// (a server that merges slashes reads them so).
 pub fn climbs_out(path: &str) -> bool {
-    // Quick exit: without a dot, plain or encoded (`%2e`, or `%252e` and deeper), no reading
-    // has a dot-segment.
-    if !path.contains('.') && !path.contains('%') {
+    // Quick exit: without a dot, plain or encoded, and without non-ASCII bytes (look-alikes),
+    // no reading has a dot-segment.
+    if path.is_ascii() && !path.contains('.') && !path.contains('%') {
         return false;
     }
-    for reading in 0u8..16 {
-        let backslash = reading & 1 != 0;
-        let encoded = reading & 2 != 0;
-        let params = reading & 4 != 0;
-        let decode_first = reading & 8 != 0;
-        if climbs_out_as(path, backslash, encoded, params, decode_first) {
-            return true;
-        }
-    }
-    false
+    (0u8..32).any(|reading| {
+        climbs_out_as(
+            path,
+            Reading {
+                backslash: reading & 1 != 0,
+                encoded: reading & 2 != 0,
+                params: reading & 4 != 0,
+                decode_first: reading & 8 != 0,
+                exotic_separators: reading & 16 != 0,
+            },
+        )
+    })
 }
 
-fn climbs_out_as(path: &str, backslash: bool, encoded: bool, params: bool, decode_first: bool) -> bool {
-    // Encoded separators are made plain first when this reading takes them as separators
-    // (repeatedly, for a server that decodes more than once).
+/// One way a server may read a path.
+#[derive(Clone, Copy)]
+struct Reading {
+    /// `\` is a separator (IIS, Windows, Tomcat on Windows).
+    backslash: bool,
+    /// `%2F`, `%5C` (and `%25` before them) are decoded before splitting.
+    encoded: bool,
+    /// `;params` are stripped from a segment (Tomcat, Jetty).
+    params: bool,
+    /// Segments are decoded before the parameters are stripped.
+    decode_first: bool,
+    /// Overlong UTF-8, `%u` escapes and look-alikes of `/` and `\` are separators.
+    exotic_separators: bool,
+}
+
+fn climbs_out_as(path: &str, reading: Reading) -> bool {
+    // Separators are made plain first when this reading takes them as such (repeatedly, for a
+    // server that decodes more than once).
     let mut text = path.to_owned();
-    if encoded {
-        loop {
-            let next = replace_ignore_case(&replace_ignore_case(&text, "%2f", "/"), "%5c", "\\");
-            let next = replace_ignore_case(&next, "%25", "%");
+    if reading.encoded || reading.exotic_separators {
+        for _ in 0..4 {
+            let mut next = text.clone();
+            if reading.encoded {
+                next = replace_ignore_case(&replace_ignore_case(&next, "%2f", "/"), "%5c", "\\");
+                next = replace_ignore_case(&next, "%25", "%");
+            }
+            if reading.exotic_separators {
+                next = lenient_decode(&next, false);
+            }
             if next == text {
                 break;
             }
@@ -418,15 +486,15 @@ fn climbs_out_as(path: &str, backslash: bool, encoded: bool, params: bool, decod
         }
     }
     let mut depth: i64 = 0;
-    let separators = |c: char| c == '/' || (backslash && c == '\\');
+    let separators = |c: char| c == '/' || (reading.backslash && c == '\\');
     for segment in text.split(separators) {
-        let mut segment = if decode_first { percent_decode(segment) } else { segment.to_owned() };
-        if params {
+        let mut segment = if reading.decode_first { decode_segment(segment) } else { segment.to_owned() };
+        if reading.params {
             if let Some(at) = segment.find(';') {
                 segment.truncate(at);
             }
         }
-        let segment = percent_decode(&segment);
+        let segment = decode_segment(&segment);
         match segment.as_str() {
             "" | "." => {}
             ".." => {
@@ -454,21 +522,151 @@ fn replace_ignore_case(text: &str, from: &str, to: &str) -> String {
     out
 }
 
-/// Percent-decodes until nothing changes (a server may decode twice), lossily: only the
-/// comparison with `.` and `..` reads the result.
-fn percent_decode(segment: &str) -> String {
+/// A segment as the most lenient server reads it: decoded until nothing changes (a server may
+/// decode twice), every encoding and look-alike included, then cut at a NUL (C strings), `?` or
+/// `#` (a server that decodes and parses the URL again). Only the comparison with `.` and `..`
+/// reads the result.
+fn decode_segment(segment: &str) -> String {
     let mut text = segment.to_owned();
     for _ in 0..4 {
-        if !text.contains('%') {
+        if text.is_ascii() && !text.contains('%') {
             break;
         }
-        let next = percent_encoding::percent_decode_str(&text).decode_utf8_lossy().into_owned();
+        let next = lenient_decode(&text, true);
         if next == text {
             break;
         }
         text = next;
     }
+    if let Some(at) = text.find(['\0', '?', '#']) {
+        text.truncate(at);
+    }
     text
+}
+
+/// One pass of the most lenient decoder a server may have: `%XX` bytes and IIS's `%uXXXX`
+/// escapes decoded, UTF-8 sequences joined into their code point even when overlong
+/// (`%c0%ae` is `.`, as old decoders read it; 5- and 6-byte forms too), then each character
+/// folded by [`look_alike`]. With `ascii_escapes` false, an escape of an ASCII byte (`%2e`,
+/// `%2f`) is left as written: only the exotic forms are read.
+fn lenient_decode(text: &str, ascii_escapes: bool) -> String {
+    let bytes = text.as_bytes();
+    let hex = |at: usize, len: usize| -> Option<u32> {
+        let digits = bytes.get(at..at + len)?;
+        digits
+            .iter()
+            .all(u8::is_ascii_hexdigit)
+            .then(|| digits.iter().fold(0, |value, digit| value * 16 + (*digit as char).to_digit(16).unwrap_or(0)))
+    };
+    // A byte as written: `%XX` (3 bytes of text) or itself.
+    let byte = |at: usize| -> Option<(u8, usize)> {
+        match bytes.get(at)? {
+            b'%' => hex(at + 1, 2).map(|value| (value as u8, 3)).or(Some((b'%', 1))),
+            other => Some((*other, 1)),
+        }
+    };
+    let mut out = String::with_capacity(text.len());
+    let mut at = 0;
+    while at < bytes.len() {
+        if bytes[at] == b'%' && matches!(bytes.get(at + 1), Some(b'u' | b'U')) {
+            if let Some(code) = hex(at + 2, 4) {
+                push_folded(&mut out, char::from_u32(code).unwrap_or(char::REPLACEMENT_CHARACTER));
+                at += 6;
+                continue;
+            }
+        }
+        let Some((lead, used)) = byte(at) else { break };
+        if lead < 0x80 {
+            if used == 3 && !ascii_escapes {
+                out.push_str(&text[at..at + 3]);
+            } else {
+                push_folded(&mut out, lead as char);
+            }
+            at += used;
+            continue;
+        }
+        let (follow, mut code) = match lead {
+            0xC0..=0xDF => (1, u32::from(lead & 0x1F)),
+            0xE0..=0xEF => (2, u32::from(lead & 0x0F)),
+            0xF0..=0xF7 => (3, u32::from(lead & 0x07)),
+            0xF8..=0xFB => (4, u32::from(lead & 0x03)),
+            0xFC..=0xFD => (5, u32::from(lead & 0x01)),
+            _ => (0, u32::MAX),
+        };
+        let mut next = at + used;
+        let mut complete = follow > 0;
+        for _ in 0..follow {
+            match byte(next) {
+                Some((continuation @ 0x80..=0xBF, len)) => {
+                    code = (code << 6) | u32::from(continuation & 0x3F);
+                    next += len;
+                }
+                _ => {
+                    complete = false;
+                    break;
+                }
+            }
+        }
+        if complete {
+            push_folded(&mut out, char::from_u32(code).unwrap_or(char::REPLACEMENT_CHARACTER));
+            at = next;
+        } else if used == 3 {
+            // `%XX` that starts no sequence: kept as written.
+            out.push_str(&text[at..at + 3]);
+            at += 3;
+        } else {
+            // A raw byte that starts no sequence is part of a character: copied whole.
+            match text.get(at..).and_then(|rest| rest.chars().next()) {
+                Some(c) => {
+                    push_folded(&mut out, c);
+                    at += c.len_utf8();
+                }
+                None => {
+                    out.push(char::REPLACEMENT_CHARACTER);
+                    at += 1;
+                }
+            }
+        }
+    }
+    out
+}
+
+fn push_folded(out: &mut String, c: char) {
+    match look_alike(c) {
+        Some(folded) => out.push_str(folded),
+        None => out.push(c),
+    }
+}
+
+/// What a server that applies Unicode NFKC (Python's `unicodedata.normalize`, IDNA-style
+/// handling, some WAFs and frameworks) reads a character as, for the characters whose NFKC form
+/// holds `.`, `/`, `\`, `%`, `;`, `?` or `#`, written by hand from UnicodeData.txt's
+/// compatibility decompositions; plus U+2215 DIVISION SLASH and U+2044 FRACTION SLASH, which
+/// NFKC keeps but Windows' best-fit mapping (IIS) reads as `/`. The fullwidth forms
+/// U+FF01..U+FF5E are ASCII 0x21..0x7E shifted (fullwidth `．` U+FF0E, `／` U+FF0F, `％` U+FF05).
+fn look_alike(c: char) -> Option<&'static str> {
+    const ASCII: &str =
+        "!\"#$%&'()*+,-./0123456789:;<=>?@ABCDEFGHIJKLMNOPQRSTUVWXYZ[\\]^_`abcdefghijklmnopqrstuvwxyz{|}~";
+    let folded = match c {
+        '\u{FF01}'..='\u{FF5E}' => {
+            let at = c as usize - 0xFF01;
+            &ASCII[at..at + 1]
+        }
+        '\u{2024}' | '\u{FE52}' => ".",   // ONE DOT LEADER, SMALL FULL STOP
+        '\u{2025}' | '\u{FE30}' => "..",  // TWO DOT LEADER, its vertical form
+        '\u{2026}' | '\u{FE19}' => "...", // HORIZONTAL ELLIPSIS, its vertical form
+        '\u{FE68}' => "\\",               // SMALL REVERSE SOLIDUS
+        '\u{2215}' | '\u{2044}' => "/",   // DIVISION SLASH, FRACTION SLASH (best fit)
+        '\u{FE6A}' => "%",                // SMALL PERCENT SIGN
+        '\u{FE54}' | '\u{037E}' => ";",   // SMALL SEMICOLON, GREEK QUESTION MARK
+        '\u{FE56}' => "?",                // SMALL QUESTION MARK
+        '\u{2047}' => "??",               // DOUBLE QUESTION MARK
+        '\u{2048}' => "?!",               // QUESTION EXCLAMATION MARK
+        '\u{2049}' => "!?",               // EXCLAMATION QUESTION MARK
+        '\u{FE5F}' => "#",                // SMALL NUMBER SIGN
+        _ => return None,
+    };
+    Some(folded)
 }
 
 #[cfg(test)]
@@ -541,9 +739,46 @@ mod tests {
         "/a/..%3Bx/..",
     ];
 
+    /// The readings issue 19 found still open: overlong UTF-8, IIS `%u`, NFKC look-alikes (raw,
+    /// percent-encoded, `%u`-escaped), NUL truncation, `?` and `#` decoded inside a segment.
+    pub(crate) const EXOTIC_ESCAPES: &[&str] = &[
+        "/%c0%ae%c0%ae/admin",
+        "/%C0%AE%C0%AE",
+        "/%e0%80%ae%e0%80%ae/admin",
+        "/%f0%80%80%ae%f0%80%80%ae/admin",
+        "/..%c0%afadmin",
+        "/..%c0%af..%c0%afadmin",
+        "/..%e0%80%afadmin",
+        "/..%c1%9cadmin",
+        "/%25c0%25ae%25c0%25ae/admin",
+        "/%u002e%u002e/admin",
+        "/%U002E./admin",
+        "/..%u002fadmin",
+        "/..%u2215admin",
+        "/%uff0e%uff0e/admin",
+        "/\u{ff0e}\u{ff0e}/admin",
+        "/%ef%bc%8e%ef%bc%8e/admin",
+        "/\u{2025}/admin",
+        "/%e2%80%a5/admin",
+        "/.\u{2024}/admin",
+        "/\u{fe52}\u{fe52}/admin",
+        "/..\u{ff0f}admin",
+        "/..%ef%bc%8fadmin",
+        "/..\u{2215}admin",
+        "/..\u{ff3c}admin",
+        "/\u{ff05}2e\u{ff05}2e/admin",
+        "/..%00",
+        "/..%00/admin",
+        "/..%3f",
+        "/..%3F/admin",
+        "/..%23",
+        "/..%2523/admin",
+        "/..%e2%81%87",
+    ];
+
     #[test]
     fn no_reading_of_the_path_climbs_out() {
-        for escape in ESCAPES {
+        for escape in ESCAPES.iter().chain(EXOTIC_ESCAPES) {
             let origin = format!("/orders{escape}");
             assert_eq!(resolve(Method::GET, &origin), Err(StatusCode::BAD_REQUEST), "{origin}");
             let absolute = format!("http://fn.example.com/orders{escape}");
@@ -566,6 +801,11 @@ mod tests {
         ok("/orders/a/b/../c", "https://fn.example.com/orders/a/b/../c");
         ok("/orders/v1;x=1/items", "https://fn.example.com/orders/v1;x=1/items");
         ok("/orders/%2e%2e%2e", "https://fn.example.com/orders/%2e%2e%2e");
+        ok("/orders/r%C3%A9sum%C3%A9", "https://fn.example.com/orders/r%C3%A9sum%C3%A9");
+        ok("/orders/%E2%80%A5x/%ef%bc%8f", "https://fn.example.com/orders/%E2%80%A5x/%ef%bc%8f");
+        ok("/orders/a/..%00", "https://fn.example.com/orders/a/..%00");
+        ok("/orders/a%3f/b", "https://fn.example.com/orders/a%3f/b");
+        ok("/orders/%c0%ae", "https://fn.example.com/orders/%c0%ae");
     }
 
     #[test]
@@ -663,58 +903,77 @@ mod tests {
     }
 
     #[test]
-    fn locations_under_an_upstream_come_back_to_the_sidecar() {
+    fn locations_inside_the_same_upstream_come_back_to_the_sidecar() {
         let routes = routes();
         let index = |name: &str| routes.iter().position(|r| r.name == name).expect("route");
         let cases = [
-            // Path prefix: absolute and root-relative, the address the app dialled kept.
+            // Inside the same upstream: absolute, scheme-relative and root-relative, written to the
+            // sidecar's configured address, host case and the default port ignored.
             (
                 "orders",
                 "https://fn.example.com/orders/next?p=2",
                 Via::Prefix,
-                Some("localhost:15080"),
-                Some("http://localhost:15080/orders/next?p=2"),
+                Some("http://127.0.0.1:15080/orders/next?p=2"),
             ),
+            ("orders", "/orders/login#top", Via::Prefix, Some("http://127.0.0.1:15080/orders/login#top")),
+            ("orders", "//fn.example.com/orders/x", Via::Prefix, Some("http://127.0.0.1:15080/orders/x")),
             (
                 "orders",
-                "/orders/login#top",
+                "HTTPS://FN.Example.COM:443/orders/v2/x",
                 Via::Prefix,
-                Some("127.0.0.1:15080"),
-                Some("http://127.0.0.1:15080/orders/login#top"),
+                Some("http://127.0.0.1:15080/orders/v2/x"),
             ),
-            (
-                "orders",
-                "https://fn.example.com:443/orders/v2/x",
-                Via::Prefix,
-                None,
-                Some("http://127.0.0.1:15080/deep/x"),
-            ),
-            ("root", "https://fn.example.com/orders", Via::Prefix, None, Some("http://127.0.0.1:15080/orders")),
+            ("orders", "https://fn.example.com/orders", Via::Prefix, Some("http://127.0.0.1:15080/orders")),
+            // Another upstream, in every spelling: returned as it is, whatever the form.
+            ("root", "https://fn.example.com/orders", Via::Prefix, None),
+            ("orders", "https://run.example.com/billing", Via::Prefix, None),
+            ("orders", "//run.example.com/billing", Via::Prefix, None),
+            ("orders", "https://RUN.EXAMPLE.COM/billing", Via::Prefix, None),
+            ("orders", "https://user:pass@run.example.com/billing", Via::Prefix, None),
+            ("orders", "https:\\\\run.example.com\\billing", Via::Prefix, None),
+            ("grpc", "https://run.example.com/a", Via::Port, None),
+            ("orders", "https://run.example.com/a", Via::Proxy, None),
+            // Ambiguous forms of the same upstream are left alone too.
+            ("orders", "https://user:pass@fn.example.com/orders/x", Via::Prefix, None),
+            ("orders", "https://fn.example.com\\orders/x", Via::Prefix, None),
+            ("orders", "/\\run.example.com/billing", Via::Prefix, None),
+            ("orders", "https://fn.example.com%2f@run.example.com/orders/x", Via::Prefix, None),
+            ("orders", "https://fn.example.com/orders/../admin", Via::Prefix, None),
+            ("orders", "https://fn.example.com:8443/orders/x", Via::Prefix, None),
+            ("orders", "https://fn.example.com/orders-admin", Via::Prefix, None),
             // Outside every upstream: absolute ones stay, root-relative ones get the upstream's origin.
-            ("orders", "https://accounts.google.com/signin", Via::Prefix, None, None),
-            ("orders", "/login", Via::Prefix, None, Some("https://fn.example.com/login")),
-            ("orders", "http://fn.example.com/orders/x", Via::Prefix, None, None),
-            ("orders", "next", Via::Prefix, None, None),
-            // Dedicated port: its own upstream stays on its port; another goes by prefix.
-            ("grpc", "/other", Via::Port, Some("127.0.0.1:15081"), Some("http://127.0.0.1:15081/other")),
-            ("fnport", "https://fn.example.com/orders/v3", Via::Port, None, Some("http://127.0.0.1:15082/")),
-            (
-                "grpc",
-                "https://run.example.com/a",
-                Via::Port,
-                Some("127.0.0.1:15081"),
-                Some("http://127.0.0.1:15080/root/a"),
-            ),
+            ("orders", "https://accounts.google.com/signin", Via::Prefix, None),
+            ("orders", "/login", Via::Prefix, Some("https://fn.example.com/login")),
+            ("orders", "http://fn.example.com/orders/x", Via::Prefix, None),
+            ("orders", "next", Via::Prefix, None),
+            // Dedicated port: its own upstream stays on its port.
+            ("grpc", "/other", Via::Port, Some("http://127.0.0.1:15081/other")),
+            ("fnport", "https://fn.example.com/orders/v3", Via::Port, Some("http://127.0.0.1:15082/")),
             // Proxy mode: the same URL, back through the proxy.
-            ("orders", "https://fn.example.com/orders/x", Via::Proxy, None, Some("http://fn.example.com/orders/x")),
+            ("orders", "https://fn.example.com/orders/x", Via::Proxy, Some("http://fn.example.com/orders/x")),
         ];
-        for (from, location, via, dialled, expected) in cases {
+        for (from, location, via, expected) in cases {
             assert_eq!(
-                routes.rewrite_location(location, index(from), via, dialled).as_deref(),
+                routes.rewrite_location(location, index(from), via).as_deref(),
                 expected,
                 "{from} {location} {via:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_rewritten_location_names_the_configured_address() {
+        let upstreams = parse_upstreams("orders=https://fn.example.com/orders").expect("valid");
+        let on = |listen: &str| Routes::new(&upstreams, TokenHeader::Authorization, listen.parse().expect("address"));
+        let location = "https://fn.example.com/orders/next";
+        assert_eq!(
+            on("0.0.0.0:15080").rewrite_location(location, 0, Via::Prefix).as_deref(),
+            Some("http://127.0.0.1:15080/orders/next")
+        );
+        assert_eq!(
+            on("[::1]:9000").rewrite_location(location, 0, Via::Prefix).as_deref(),
+            Some("http://[::1]:9000/orders/next")
+        );
     }
 
     /// The routing invariant, on paths built from the pieces escapes are made of: whatever is
@@ -725,8 +984,36 @@ mod tests {
 
         fn piece() -> impl Strategy<Value = &'static str> {
             prop::sample::select(vec![
-                "/", "..", ".", "%2e", "%2E", "%2f", "%2F", "\\", "%5c", "%5C", ";", ";x=1", "a", "b%20", "%25",
-                "%252e", "orders", "v2", "?", "q=1",
+                "/",
+                "..",
+                ".",
+                "%2e",
+                "%2E",
+                "%2f",
+                "%2F",
+                "\\",
+                "%5c",
+                "%5C",
+                ";",
+                ";x=1",
+                "a",
+                "b%20",
+                "%25",
+                "%252e",
+                "orders",
+                "v2",
+                "?",
+                "q=1",
+                "%c0%ae",
+                "%e0%80%ae",
+                "%c0%af",
+                "%u002e",
+                "%uff0f",
+                "%ef%bc%8e",
+                "%e2%80%a5",
+                "%00",
+                "%3f",
+                "%23",
             ])
         }
 

@@ -80,6 +80,8 @@ pub struct Function {
     pub invokers: Mutex<Vec<String>>,
     /// Requests that reached the front end, valid or not.
     pub requests: AtomicUsize,
+    /// The host each of them was for, in order.
+    hosts_seen: Mutex<Vec<String>>,
     /// Tokens refused with 401 as if revoked.
     revoked: Mutex<HashSet<String>>,
     /// Why each refusal was made, in order (Google's answers never say; tests read this).
@@ -94,6 +96,7 @@ impl Function {
             services,
             invokers: Mutex::new(invokers.iter().map(|s| s.to_string()).collect()),
             requests: AtomicUsize::new(0),
+            hosts_seen: Mutex::default(),
             revoked: Mutex::default(),
             refusals: Mutex::default(),
             seen: Mutex::default(),
@@ -106,6 +109,11 @@ impl Function {
         hosts.sort();
         hosts.dedup();
         hosts
+    }
+
+    /// How many requests reached the front end for `host`, valid or not.
+    pub fn requests_to(&self, host: &str) -> usize {
+        self.hosts_seen.lock().expect("lock").iter().filter(|seen| seen.eq_ignore_ascii_case(host)).count()
     }
 
     /// Refuses every token seen so far with 401, as after a key rotation or revocation.
@@ -213,6 +221,7 @@ async fn handle(State(function): State<Arc<Function>>, request: Request) -> Resp
                 .map(|h| h.split(':').next().unwrap_or(h).to_owned())
         })
         .unwrap_or_default();
+    function.hosts_seen.lock().expect("lock").push(host.clone());
     let Some(service) = function.services.iter().find(|s| s.serves(&host, &path)) else {
         // Google's answer for a URL no service owns is undocumented; a plain 404 stands in.
         return (StatusCode::NOT_FOUND, format!("no service at https://{host}{path}\n")).into_response();

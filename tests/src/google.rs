@@ -83,6 +83,8 @@ pub struct Google {
     pub sts_lifetime_secs: AtomicU64,
     /// The `sub` and `jti` of every subject token STS accepted, in order.
     pub sts_subjects: Mutex<Vec<(String, String)>>,
+    /// Every request that reached `/v1/token` (STS), accepted or not.
+    pub sts_requests: AtomicUsize,
 }
 
 impl Google {
@@ -111,6 +113,7 @@ impl Google {
             federated_bindings: Mutex::default(),
             sts_lifetime_secs: AtomicU64::new(3600),
             sts_subjects: Mutex::default(),
+            sts_requests: AtomicUsize::new(0),
         })
     }
 
@@ -456,6 +459,7 @@ async fn oauth_token(State(google): State<Arc<Google>>, body: String) -> Respons
 /// errors (`error`, `error_description`) with status 400, as the STS reference shows; the exact
 /// description texts are not documented and are modelled on what Google's STS prints.
 async fn sts_token(State(google): State<Arc<Google>>, headers: HeaderMap, body: String) -> Response {
+    google.sts_requests.fetch_add(1, Ordering::SeqCst);
     // The reference: "do not send the Authorization HTTP header in the request … using the
     // header can cause the request to fail". Undocumented how; refused here.
     if headers.contains_key("authorization") {

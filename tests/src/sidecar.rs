@@ -130,6 +130,37 @@ impl Sidecar {
     }
 }
 
+/// Runs `wiproxy` with exactly `env` (plus free listen addresses) where it must refuse to start:
+/// its exit code and what it wrote to stderr, or `None` for the code when it was still running
+/// after `within` (then it is killed).
+pub fn run_to_exit(env: &[(String, String)], within: Duration) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = dir.path().join("wiproxy.log");
+    let mut child = Command::new(binary("wiproxy"))
+        .env_clear()
+        .env("WIPROXY_LISTEN", format!("127.0.0.1:{}", free_port()))
+        .env("WIPROXY_ADMIN_LISTEN", format!("127.0.0.1:{}", free_port()))
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("start wiproxy");
+    let deadline = Instant::now() + within;
+    let code = loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            break status.code();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (code, std::fs::read_to_string(&log).unwrap_or_default())
+}
+
 impl Drop for Sidecar {
     fn drop(&mut self) {
         let _ = self.child.kill();

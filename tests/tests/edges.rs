@@ -107,7 +107,8 @@ async fn redirects_into_an_upstream_come_back_through_the_sidecar() {
     let cases = [
         (&prefix, format!("{FUNCTION_URL}/next?page=2"), sidecar.url("/fn/next?page=2")),
         (&prefix, "/orders/next".to_owned(), sidecar.url("/fn/next")),
-        (&prefix, format!("https://{RUN_HOST}/list"), sidecar.url("/run/list")),
+        // Another upstream is another origin: its URL comes back as it is.
+        (&prefix, format!("https://{RUN_HOST}/list"), format!("https://{RUN_HOST}/list")),
         (&prefix, "/login".to_owned(), format!("https://{FUNCTION_HOST}/login")),
         (&prefix, "https://accounts.google.com/signin".to_owned(), "https://accounts.google.com/signin".to_owned()),
         (&dedicated, format!("{FUNCTION_URL}/next"), format!("{dedicated}/next")),
@@ -173,4 +174,94 @@ async fn grpc_requests_get_refusals_as_grpc_status() {
     let plain = Http::new().get(&sidecar.url("/pkg.Service/Method")).await;
     assert_eq!(plain.status, StatusCode::NOT_FOUND);
     assert!(plain.json()["error"].as_str().is_some_and(|e| e.contains("no upstream named")));
+}
+
+/// What a client that keeps `Authorization` and cookies on a same-origin redirect does with a
+/// `Location` (browsers, curl, requests, Go's net/http): resolved against the URL it asked for
+/// (WHATWG rules, which read `\` as `/`), then followed with the same method, headers and body
+/// when the origin is the same. A cross-origin one would be followed without them, to a host
+/// off this machine, so it is returned instead for the test to check.
+async fn follow_like_a_client(http: &Http, asked: &str, location: &str) -> Option<url::Url> {
+    let asked = url::Url::parse(asked).expect("asked URL");
+    let next = asked.join(location).expect("a Location a client can resolve");
+    if next.origin() != asked.origin() {
+        return Some(next);
+    }
+    let request = Request::post(next.as_str())
+        .header("authorization", "Bearer app-credential-for-A")
+        .header("cookie", "session=A-cookie")
+        .body(Full::new(Bytes::from_static(b"amount=1000&to=attacker")))
+        .expect("request");
+    http.send(request).await.expect("the followed request");
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_to_another_upstream_keeps_its_origin_and_nothing_reaches_it() {
+    let world = World::start().await;
+    let port = free_port();
+    // A is the function (on the prefix and on its own port), B the Cloud Run service.
+    let sidecar = start(&world, &format!("fn={FUNCTION_URL};listen={port},run=https://{RUN_HOST}")).await;
+    let http = Http::new();
+    let upper = RUN_HOST.to_ascii_uppercase();
+    let forms = [
+        format!("https://{RUN_HOST}/billing/transfer"),
+        format!("https:\\\\{RUN_HOST}\\billing\\transfer"),
+        format!("/\\{RUN_HOST}/billing/transfer"),
+        format!("//{RUN_HOST}/billing/transfer"),
+        format!("https://user:pass@{RUN_HOST}/billing/transfer"),
+        format!("https://{upper}/billing/transfer"),
+        format!("https://{upper}:443/billing/transfer"),
+    ];
+    for base in [sidecar.url("/fn"), format!("http://127.0.0.1:{port}")] {
+        for location in &forms {
+            let query: String =
+                url::form_urlencoded::Serializer::new(String::new()).append_pair("location", location).finish();
+            let asked = format!("{base}/redirect-to?{query}");
+            let request = Request::post(&asked)
+                .header("authorization", "Bearer app-credential-for-A")
+                .header("cookie", "session=A-cookie")
+                .body(Full::new(Bytes::from_static(b"amount=1000&to=attacker")))
+                .expect("request");
+            let reply = http.send(request).await.expect("answer");
+            assert_eq!(reply.status, StatusCode::FOUND, "{location}: {}", reply.text());
+            let returned = reply.headers["location"].to_str().expect("ascii").to_owned();
+            let elsewhere = follow_like_a_client(&http, &asked, &returned).await;
+            assert_eq!(
+                world.function.requests_to(RUN_HOST),
+                0,
+                "{base}: {location} came back as {returned}, and following it took the app's request to B"
+            );
+            assert_eq!(returned, *location, "{base}: the Location is returned as A sent it");
+            let elsewhere = elsewhere.expect("a client leaves the sidecar's origin for B");
+            assert!(elsewhere.host_str().is_some_and(|h| h.eq_ignore_ascii_case(RUN_HOST)), "{elsewhere}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rewritten_location_names_the_sidecar_never_the_requests_host() {
+    let world = World::start().await;
+    let port = free_port();
+    let sidecar = start(&world, &format!("fn={FUNCTION_URL};listen={port}")).await;
+    let query: String = url::form_urlencoded::Serializer::new(String::new())
+        .append_pair("location", &format!("{FUNCTION_URL}/orders-next"))
+        .finish();
+    let dedicated = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let cases = [
+        (sidecar.proxy, format!("/fn/redirect-to?{query}"), sidecar.url("/fn/orders-next")),
+        (dedicated, format!("/redirect-to?{query}"), format!("http://{dedicated}/orders-next")),
+    ];
+    for (addr, path, expected) in cases {
+        for host in ["evil.example", "evil.example:80", "127.0.0.1:1"] {
+            let (status, answer) =
+                raw(addr, &format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")).await;
+            assert_eq!(status, 302, "{answer}");
+            let location = answer
+                .lines()
+                .find_map(|line| line.strip_prefix("location: ").or_else(|| line.strip_prefix("Location: ")))
+                .unwrap_or_default();
+            assert_eq!(location, expected, "Host: {host}");
+        }
+    }
 }

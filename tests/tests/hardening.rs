@@ -85,6 +85,63 @@ async fn path_escapes_get_400_and_nothing_reaches_the_upstream() {
     sidecar.assert_log_free_of(&world.google.minted());
 }
 
+/// Readings some real server applies and the first path rule did not: overlong UTF-8 (`%c0%ae`
+/// is `.`, `%c0%af` is `/`), IIS's `%u002e`, NFKC look-alikes raw and percent-encoded (fullwidth
+/// `．` U+FF0E, `‥` U+2025, fullwidth `／` U+FF0F), NUL truncation, `?` and `#` decoded inside a
+/// segment.
+const EXOTIC_ESCAPES: &[&str] = &[
+    "/%c0%ae%c0%ae/admin",
+    "/%e0%80%ae%e0%80%ae/admin",
+    "/..%c0%afadmin",
+    "/%u002e%u002e/admin",
+    "/\u{ff0e}\u{ff0e}/admin",
+    "/%ef%bc%8e%ef%bc%8e/admin",
+    "/\u{2025}/admin",
+    "/%e2%80%a5/admin",
+    "/..\u{ff0f}admin",
+    "/..%ef%bc%8fadmin",
+    "/..%00",
+    "/..%00/admin",
+    "/..%3f",
+    "/..%3F/admin",
+    "/..%23",
+    "/..%23/admin",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exotic_path_readings_get_400_in_every_request_form() {
+    let world = World::start().await;
+    let port = free_port();
+    let sidecar = start(&world, &format!("fn={FUNCTION_URL},fnport={FUNCTION_URL};listen={port}"), &[]).await;
+    let before = world.function.requests();
+    let h2c = Http::h2c();
+    for escape in EXOTIC_ESCAPES {
+        let origin = format!("GET /fn{escape} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let (status, answer) = raw(sidecar.proxy, &origin).await;
+        assert_eq!(status, 400, "origin form {escape}: {answer}");
+        let absolute = format!(
+            "GET http://{FUNCTION_HOST}/orders{escape} HTTP/1.1\r\nHost: {FUNCTION_HOST}\r\nConnection: close\r\n\r\n"
+        );
+        let (status, answer) = raw(sidecar.proxy, &absolute).await;
+        assert_eq!(status, 400, "absolute form {escape}: {answer}");
+        let dedicated = format!("GET {escape} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let (status, answer) = raw(SocketAddr::from(([127, 0, 0, 1], port)), &dedicated).await;
+        assert_eq!(status, 400, "upstream port {escape}: {answer}");
+        let reply = h2c.get(&sidecar.url(&format!("/fn{escape}"))).await;
+        assert_eq!(reply.status, StatusCode::BAD_REQUEST, "h2 :path {escape}: {}", reply.text());
+    }
+    assert_eq!(world.function.requests(), before, "an escape reached the upstream");
+    // Characters that only look alike elsewhere in a name still pass, byte for byte.
+    for (path, seen) in
+        [("/fn/r%C3%A9sum%C3%A9", "/orders/r%C3%A9sum%C3%A9"), ("/fn/a%E2%80%A5b", "/orders/a%E2%80%A5b")]
+    {
+        let (status, answer) =
+            raw(sidecar.proxy, &format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")).await;
+        assert_eq!(status, 200, "{answer}");
+        assert_eq!(echo_of(&answer)["path"], seen);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_token_endpoint_refuses_requests_an_app_did_not_mean() {
     let world = World::start().await;

@@ -85,6 +85,11 @@ pub struct SharedArgs {
     /// Injected sidecars then exchange a projected token instead of asking the GKE metadata server.
     #[arg(long, env = "WIPROXY_WEBHOOK_WORKLOAD_IDENTITY_PROVIDER", value_name = "PROVIDER")]
     pub workload_identity_provider: Option<String>,
+    /// With --workload-identity-provider: the universe whose STS and IAM Credentials receive the
+    /// subject token. Injected sidecars get it in their env and refuse a credential configuration
+    /// that names another.
+    #[arg(long, env = "WIPROXY_WEBHOOK_UNIVERSE_DOMAIN", value_name = "DOMAIN", default_value = inject::DEFAULT_UNIVERSE_DOMAIN)]
+    pub universe_domain: String,
     /// Container resources of the sidecar, as JSON (the chart passes `sidecar.resources`). By
     /// default SidecarSettings::default_resources, or on GKE Autopilot requests equal to limits at
     /// Autopilot's minimums, so Autopilot takes them as they are.
@@ -123,7 +128,7 @@ impl SharedArgs {
             .workload_identity_provider
             .as_deref()
             .filter(|p| !p.trim().is_empty())
-            .map(Federation::new)
+            .map(|provider| Federation::new(provider)?.in_universe(&self.universe_domain))
             .transpose()?;
         Ok(SidecarSettings { image: self.sidecar_image.clone(), native, resources, federation, autopilot })
     }

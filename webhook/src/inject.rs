@@ -58,7 +58,12 @@ pub struct Federation {
     /// The provider's resource name,
     /// `projects/NUMBER/locations/global/workloadIdentityPools/POOL/providers/PROVIDER`.
     pub provider: String,
+    /// The universe whose STS and IAM Credentials receive the subject token (`--universe-domain`).
+    pub universe_domain: String,
 }
+
+/// Google Cloud's public universe, the default of `--universe-domain`.
+pub const DEFAULT_UNIVERSE_DOMAIN: &str = "googleapis.com";
 
 /// Where the sidecar finds the projected token and its credential configuration.
 pub const FEDERATION_VOLUME: &str = "wiproxy-federation";
@@ -82,7 +87,27 @@ impl Federation {
                 "--workload-identity-provider {provider:?} is not projects/NUMBER/locations/global/workloadIdentityPools/POOL/providers/PROVIDER: copy the provider's name from `gcloud iam workload-identity-pools providers describe`"
             ));
         }
-        Ok(Self { provider: provider.to_owned() })
+        Ok(Self { provider: provider.to_owned(), universe_domain: DEFAULT_UNIVERSE_DOMAIN.to_owned() })
+    }
+
+    /// The same federation in another universe (`--universe-domain`): a DNS name such as
+    /// `googleapis.com`.
+    pub fn in_universe(mut self, universe_domain: &str) -> Result<Self, String> {
+        let domain = universe_domain.trim().trim_end_matches('.').to_ascii_lowercase();
+        let labels_ok = domain.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        });
+        if !(labels_ok && domain.contains('.') && domain.len() <= 253) {
+            return Err(format!(
+                "--universe-domain {universe_domain:?} is not a DNS name: give the universe's API domain, {DEFAULT_UNIVERSE_DOMAIN} for Google Cloud"
+            ));
+        }
+        self.universe_domain = domain;
+        Ok(self)
     }
 
     /// The STS audience, as `create-cred-config` writes it.
@@ -100,16 +125,24 @@ impl Federation {
     /// create-cred-config PROVIDER --service-account=GSA --credential-source-file=…
     /// --credential-source-type=text` writes it.
     pub fn credential_configuration(&self, gsa: &str) -> String {
+        let universe = &self.universe_domain;
         json!({
-            "universe_domain": "googleapis.com",
+            "universe_domain": universe,
             "type": "external_account",
             "audience": self.audience(),
             "subject_token_type": "urn:ietf:params:oauth:token-type:jwt",
-            "token_url": "https://sts.googleapis.com/v1/token",
+            "token_url": format!("https://sts.{universe}/v1/token"),
             "credential_source": {"file": format!("{FEDERATION_MOUNT}/token"), "format": {"type": "text"}},
-            "service_account_impersonation_url": format!("https://iamcredentials.googleapis.com/v1/projects/-/serviceAccounts/{gsa}:generateAccessToken"),
+            "service_account_impersonation_url": format!("https://iamcredentials.{universe}/v1/projects/-/serviceAccounts/{gsa}:generateAccessToken"),
         })
         .to_string()
+    }
+
+    /// The SHA-256 (hex) of the configuration for `gsa`: the downward API writes the annotation's
+    /// value to the file byte for byte, and the sidecar refuses a file with another digest, so
+    /// an edit of the annotation after admission cannot steer the subject token.
+    pub fn configuration_digest(&self, gsa: &str) -> String {
+        Sha256::digest(self.credential_configuration(gsa).as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
     }
 }
 
@@ -675,10 +708,14 @@ fn sidecar_container(settings: &Settings, gsa: &str, sidecar: &SidecarSettings) 
     if settings.native {
         container["restartPolicy"] = json!("Always");
     }
-    if sidecar.federation.is_some() {
+    if let Some(federation) = &sidecar.federation {
         if let Some(vars) = container["env"].as_array_mut() {
             let credentials = format!("external-account:{FEDERATION_MOUNT}/credential-configuration.json");
             vars.push(json!({"name": env::CREDENTIALS, "value": credentials}));
+            // Container env cannot change once the pod exists; the annotation can. What decides
+            // where the subject token goes is here, and the file is checked against it.
+            vars.push(json!({"name": env::UNIVERSE_DOMAIN, "value": federation.universe_domain}));
+            vars.push(json!({"name": env::CREDENTIAL_CONFIG_SHA256, "value": federation.configuration_digest(gsa)}));
         }
         container["volumeMounts"] =
             json!([{"name": FEDERATION_VOLUME, "mountPath": FEDERATION_MOUNT, "readOnly": true}]);
@@ -743,6 +780,10 @@ fn status(settings: &Settings, gsa: &str, sidecar: &SidecarSettings) -> String {
     if let Some(federation) = &sidecar.federation {
         hasher.update(federation.provider.as_bytes());
         hasher.update([0]);
+        if federation.universe_domain != DEFAULT_UNIVERSE_DOMAIN {
+            hasher.update(federation.universe_domain.as_bytes());
+            hasher.update([0]);
+        }
     }
     if settings.admin_port != ADMIN_PORT {
         hasher.update(settings.admin_port.to_string().as_bytes());
@@ -1342,6 +1383,34 @@ mod tests {
         assert_eq!(inject(&taken, &inputs).err().as_ref().map(Denial::reason), Some("volume_name_taken"));
         for bad in ["", "projects/x/locations/global/workloadIdentityPools/p/providers/q", "pools/p/providers/q"] {
             assert!(Federation::new(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_sidecar_env_decides_where_the_subject_token_goes() {
+        let provider = "projects/123/locations/global/workloadIdentityPools/onprem/providers/cluster";
+        let federation = Federation::new(provider).and_then(|f| f.in_universe("Example-Universe.com.")).expect("valid");
+        let sidecar = SidecarSettings { federation: Some(federation), ..Default::default() };
+        let mut unmapped = StaticCluster::default();
+        unmapped.set_service_account("payments", "orders", None);
+        let policies = open_policy();
+        let inputs = Inputs { namespace: "payments", sidecar: &sidecar, policies: &policies, cluster: &unmapped };
+        let pod = pod(json!({}));
+        let value = patched(&pod, &injected(inject(&pod, &inputs)));
+        let annotation =
+            value["metadata"]["annotations"][CREDENTIAL_CONFIGURATION_ANNOTATION].as_str().expect("the configuration");
+        let config: Value = serde_json::from_str(annotation).expect("JSON");
+        assert_eq!(config["universe_domain"], "example-universe.com");
+        assert_eq!(config["token_url"], "https://sts.example-universe.com/v1/token");
+        let env = &value["spec"]["initContainers"][0]["env"];
+        let var =
+            |name: &str| env.as_array().into_iter().flatten().find(|v| v["name"] == name).map(|v| v["value"].clone());
+        assert_eq!(var(env::UNIVERSE_DOMAIN), Some(json!("example-universe.com")));
+        let digest: String = Sha256::digest(annotation.as_bytes()).iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(var(env::CREDENTIAL_CONFIG_SHA256), Some(json!(digest)), "the digest of the annotation as written");
+        for bad in ["", "evil", "evil..example", "-evil.example", "evil.example/x", "user@evil.example"] {
+            let refused = Federation::new(provider).and_then(|f| f.in_universe(bad));
+            assert!(refused.is_err_and(|e| e.contains("--universe-domain")), "{bad:?}");
         }
     }
 
