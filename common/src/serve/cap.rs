@@ -2,10 +2,12 @@
 //! source address may hold, and which connection leaves first when a new one needs room.
 //!
 //! At the cap, a new connection takes the place of, in this order:
-//! 1. the oldest *silent* connection: one that has not yet sent a complete request head (still
-//!    in its TLS handshake, connected and quiet, or half-way through its first head). It had
-//!    its chance; a kubelet probe or the API server sends its request at once.
-//! 2. the kept-alive HTTP/1.1 connection that has waited longest for its next request (as nginx
+//! 1. the oldest *quiet* connection: connected, and not a byte sent yet (no TLS ClientHello, no
+//!    request). It had its chance; a kubelet probe or the API server sends at once.
+//! 2. the oldest connection that has started but not finished its first request head (in its
+//!    TLS handshake, or half-way through the head). With 1 and 2 together called *silent*: no
+//!    complete request head yet. A client that is handshaking goes only after every quiet one.
+//! 3. the kept-alive HTTP/1.1 connection that has waited longest for its next request (as nginx
 //!    reuses its kept-alive connections when it runs out of them).
 //!
 //! A connection serving a request, and an HTTP/2 connection once it has sent one, never leaves
@@ -49,10 +51,13 @@ struct Slots {
     open: usize,
     /// Connections asked to leave that have not left yet.
     leaving: usize,
-    /// Keys of [`Slots::silent`] and [`Slots::waiting`]: one counter, so a lower key is older.
+    /// Keys of the three lists: one counter, so a lower key is older.
     next: u64,
-    /// Silent connections, oldest first.
-    silent: BTreeMap<u64, Arc<Place>>,
+    /// Quiet connections (not a byte yet), oldest first.
+    quiet: BTreeMap<u64, Arc<Place>>,
+    /// Connections that started their first request head (or TLS handshake) and have not
+    /// finished it, oldest first.
+    started: BTreeMap<u64, Arc<Place>>,
     /// Kept-alive HTTP/1.1 connections between requests, longest-waiting first.
     waiting: BTreeMap<u64, Arc<Place>>,
     sources: HashMap<IpAddr, Source>,
@@ -67,8 +72,10 @@ struct Source {
 /// Where a connection stands in the eviction order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Standing {
-    /// No complete request head yet; the key in [`Slots::silent`].
-    Silent(u64),
+    /// Not a byte yet; the key in [`Slots::quiet`].
+    Quiet(u64),
+    /// Some bytes, no complete request head yet; the key in [`Slots::started`].
+    Started(u64),
     /// Between HTTP/1.1 requests; the key in [`Slots::waiting`].
     Waiting(u64),
     /// Serving, or an HTTP/2 connection that has sent a request: never asked to leave.
@@ -149,10 +156,10 @@ impl Cap {
         let place = Arc::new(Place {
             cap: self.clone(),
             source,
-            standing: Mutex::new(Standing::Silent(key)),
+            standing: Mutex::new(Standing::Quiet(key)),
             told: Notify::new(),
         });
-        slots.silent.insert(key, place.clone());
+        slots.quiet.insert(key, place.clone());
         slots.open += 1;
         slots.sources.entry(source).or_default().open += 1;
         Admission::Admitted(Slot(place))
@@ -169,8 +176,10 @@ impl Slots {
     /// leave; false when there is none to ask.
     fn ask_to_leave(&mut self, source: Option<IpAddr>) -> bool {
         let ours = |place: &&Arc<Place>| source.is_none_or(|source| place.source == source);
-        let Some(place) =
-            self.silent.values().find(ours).or_else(|| self.waiting.values().find(ours)).cloned()
+        let Some(place) = [&self.quiet, &self.started, &self.waiting]
+            .into_iter()
+            .find_map(|list| list.values().find(ours))
+            .cloned()
         else {
             return false;
         };
@@ -186,7 +195,8 @@ impl Slots {
     /// Takes a connection off the eviction order (or off the count of leaving ones).
     fn unlist(&mut self, standing: Standing) {
         match standing {
-            Standing::Silent(key) => drop(self.silent.remove(&key)),
+            Standing::Quiet(key) => drop(self.quiet.remove(&key)),
+            Standing::Started(key) => drop(self.started.remove(&key)),
             Standing::Waiting(key) => drop(self.waiting.remove(&key)),
             Standing::Serving | Standing::Leaving => {}
         }
@@ -213,6 +223,18 @@ pub(super) struct Place {
 impl Place {
     fn standing(&self) -> MutexGuard<'_, Standing> {
         self.standing.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The connection's first bytes arrived (a TLS ClientHello, or the start of a request): it
+    /// leaves after every quiet connection.
+    pub(super) fn spoke(self: &Arc<Self>) {
+        let mut slots = self.cap.lock();
+        let mut standing = self.standing();
+        if let Standing::Quiet(key) = *standing {
+            slots.quiet.remove(&key);
+            slots.started.insert(key, self.clone());
+            *standing = Standing::Started(key);
+        }
     }
 
     /// A complete request head arrived: the connection serves it and leaves for no one (an
@@ -342,6 +364,22 @@ mod tests {
     }
 
     #[test]
+    fn a_connection_that_has_started_its_head_leaves_after_every_quiet_one() {
+        let cap = Arc::new(Cap::new(3, 3));
+        let handshaking = admitted(&cap, A);
+        handshaking.place().spoke();
+        let quiet = admitted(&cap, A);
+        let kept = kept_alive(&cap, A);
+        assert!(matches!(cap.admit(B), Admission::Full));
+        assert!(told(&quiet) && !told(&handshaking) && !told(&kept));
+        drop(quiet);
+        let serving = admitted(&cap, B);
+        serving.place().serving();
+        assert!(matches!(cap.admit(B), Admission::Full));
+        assert!(told(&handshaking) && !told(&kept));
+    }
+
+    #[test]
     fn a_serving_connection_is_never_asked_to_leave() {
         let cap = Arc::new(Cap::new(2, 2));
         let first = admitted(&cap, A);
@@ -407,6 +445,7 @@ mod tests {
         drop(slots);
         let state = cap.lock();
         assert_eq!((state.open, state.leaving), (0, 0));
-        assert!(state.silent.is_empty() && state.waiting.is_empty() && state.sources.is_empty());
+        assert!(state.quiet.is_empty() && state.started.is_empty() && state.waiting.is_empty());
+        assert!(state.sources.is_empty());
     }
 }

@@ -178,13 +178,15 @@ pub(super) struct Held {
 /// connection is one small task (one timer, one shutdown notification, the stream): about
 /// 1.5 KiB with its socket's registration, against about 20 KiB in hyper's hands.
 #[allow(clippy::manual_async_fn, reason = "an async fn's future keeps its arguments twice")]
-pub(super) fn connection<Opened, Io, S, B>(
-    opened: Pin<Box<Opened>>,
+pub(super) fn connection<Open, Opened, Io, S, B>(
+    tcp: TcpStream,
+    open: Arc<Open>,
     mut service: Policed<S>,
     shared: Arc<Shared>,
     held: Held,
 ) -> impl Future<Output = ()> + Send
 where
+    Open: Fn(TcpStream) -> Opened + Send + Sync + 'static,
     Opened: Future<Output = Option<Io>> + Send + 'static,
     Io: Stream,
     S: Service<Request<RequestBody>, Response = Response<B>> + Send + 'static,
@@ -205,8 +207,31 @@ where
         // while the connection is silent or waits between HTTP/1.1 requests.
         let mut leave = std::pin::pin!(place.told_to_leave());
 
+        // The first bytes (a TLS ClientHello, or a request): until they come the connection is
+        // quiet, the first to leave at the cap. Within the header timeout, as the handshake.
+        let mut byte = [0u8; 1];
+        let first = tokio::select! {
+            biased;
+            // `peek`, not `readable`: readiness may be reported where no byte is.
+            peeked = tcp.peek(&mut byte) => peeked,
+            () = stop.as_mut() => return,
+            () = leave.as_mut() => {
+                debug!("quiet connection closed to make room at the connection cap");
+                return;
+            }
+            () = timer.as_mut() => {
+                debug!("nothing received before the header timeout");
+                return;
+            }
+        };
+        if let Err(e) = first {
+            debug!(error = %e, "connection ended with an error");
+            return;
+        }
+        place.spoke();
+
         // Open (the TLS handshake), within the header timeout.
-        let mut opened = opened;
+        let mut opened = Box::pin(open(tcp));
         let stream = tokio::select! {
             biased;
             stream = opened.as_mut() => stream,

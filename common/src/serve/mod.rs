@@ -260,7 +260,7 @@ pub async fn serve<Open, Opened, Io, MakeService, S, B>(
     open: Open,
     service: MakeService,
 ) where
-    Open: Fn(TcpStream) -> Opened,
+    Open: Fn(TcpStream) -> Opened + Send + Sync + 'static,
     Opened: Future<Output = Option<Io>> + Send + 'static,
     Io: Stream,
     MakeService: Fn() -> S,
@@ -272,6 +272,7 @@ pub async fn serve<Open, Opened, Io, MakeService, S, B>(
     B::Error: Into<BoxError>,
 {
     let shared = Arc::new(policy.shared_state());
+    let open = Arc::new(open);
     let cap = policy.max_connections.clone();
     // Every connection task holds a sender; the drain is over when the last one is gone.
     let (open_connections, mut drained) = mpsc::channel::<()>(1);
@@ -322,7 +323,7 @@ pub async fn serve<Open, Opened, Io, MakeService, S, B>(
         };
         let held = Held { slot, _open: open_connections.clone() };
         tokio::spawn(
-            connection(Box::pin(open(stream)), service, shared.clone(), held)
+            connection(stream, open.clone(), service, shared.clone(), held)
                 .instrument(tracing::debug_span!("connection", listener = policy.name, %peer)),
         );
     }

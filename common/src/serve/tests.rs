@@ -391,3 +391,25 @@ async fn past_the_request_limit_a_stream_is_refused_and_a_request_gets_503() {
     let request = Request::get(format!("http://{addr}/after")).body(Empty::<Bytes>::new()).expect("request");
     assert_eq!(sender.send_request(request).await.expect("served").status(), 200);
 }
+
+/// A connection that has started its first request goes only after every quiet one, though it
+/// is older: a client in the middle of its head (or TLS handshake) finishes it.
+#[tokio::test]
+async fn a_connection_that_started_its_head_leaves_after_a_quiet_one() {
+    let policy = ConnectionPolicy::new("test", 2)
+        .per_source(2)
+        .header_timeout(Duration::from_secs(600))
+        .idle_timeout(Duration::from_secs(600));
+    let (addr, _stop) = echo_server(policy).await;
+    let mut started = TcpStream::connect(addr).await.expect("connect");
+    started.write_all(b"GET /started HTTP/1.1\r\nHo").await.expect("write");
+    settle().await;
+    let mut quiet = TcpStream::connect(addr).await.expect("connect");
+    settle().await;
+
+    let mut third = TcpStream::connect(addr).await.expect("connect");
+    assert_eq!(get(&mut third, "/third").await, "/third");
+    assert_closed(&mut quiet, "the quiet connection was not closed").await;
+    started.write_all(b"st: x\r\n\r\n").await.expect("write");
+    assert_eq!(read_response(&mut started).await, "/started");
+}
