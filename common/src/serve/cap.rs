@@ -101,12 +101,7 @@ impl Cap {
     /// `max` connections at once, at most `per_source` of them from one source address.
     pub(super) fn new(max: usize, per_source: usize) -> Self {
         let max = max.max(1);
-        Self {
-            max,
-            per_source: per_source.clamp(1, max),
-            slots: Mutex::new(Slots::default()),
-            changed: Notify::new(),
-        }
+        Self { max, per_source: per_source.clamp(1, max), slots: Mutex::new(Slots::default()), changed: Notify::new() }
     }
 
     /// Connections served at once.
@@ -176,10 +171,8 @@ impl Slots {
     /// leave; false when there is none to ask.
     fn ask_to_leave(&mut self, source: Option<IpAddr>) -> bool {
         let ours = |place: &&Arc<Place>| source.is_none_or(|source| place.source == source);
-        let Some(place) = [&self.quiet, &self.started, &self.waiting]
-            .into_iter()
-            .find_map(|list| list.values().find(ours))
-            .cloned()
+        let Some(place) =
+            [&self.quiet, &self.started, &self.waiting].into_iter().find_map(|list| list.values().find(ours)).cloned()
         else {
             return false;
         };

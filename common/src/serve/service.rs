@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::service::Service;
 use hyper::header::{self, HeaderValue};
+use hyper::service::Service;
 use hyper::{Request, Response, StatusCode, Version};
 
 use super::activity::{Activity, InFlight, OpenBody};
@@ -136,7 +136,11 @@ where
                     drop(open);
                     let refused = refuse(request.version(), self.name, requests.max);
                     return Box::pin(std::future::ready(refused.map(|response| {
-                        response.map(|text| Answer { body: Either::Refused(Some(text)), _in_flight: in_flight, _admitted: None })
+                        response.map(|text| Answer {
+                            body: Either::Refused(Some(text)),
+                            _in_flight: in_flight,
+                            _admitted: None,
+                        })
                     })));
                 }
             },

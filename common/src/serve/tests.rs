@@ -205,14 +205,8 @@ async fn shutdown_closes_waiting_connections() {
         })
     };
     let policy = ConnectionPolicy::new("test", 4).header_timeout(Duration::from_secs(600));
-    let serving = tokio::spawn(serve(
-        listener,
-        policy,
-        stopped,
-        Duration::from_secs(60),
-        |s| async move { Some(s) },
-        service,
-    ));
+    let serving =
+        tokio::spawn(serve(listener, policy, stopped, Duration::from_secs(60), |s| async move { Some(s) }, service));
     let mut stream = TcpStream::connect(addr).await.expect("connect");
     stream.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
     assert_eq!(read_response(&mut stream).await, "ok");
@@ -293,11 +287,13 @@ async fn an_http2_connection_with_a_stream_in_flight_never_leaves_for_a_new_one(
         let answer = get(&mut stream, "/new").await;
         (answer, Instant::now())
     });
-    let (body, streamed) = tokio::time::timeout(Duration::from_secs(30), streaming).await.expect("in time").expect("task");
+    let (body, streamed) =
+        tokio::time::timeout(Duration::from_secs(30), streaming).await.expect("in time").expect("task");
     assert_eq!(&body[..], b"/slow");
     // The HTTP/2 connection ends; the new one takes its slot.
     driver.abort();
-    let (answer, answered) = tokio::time::timeout(Duration::from_secs(30), waiting).await.expect("in time").expect("task");
+    let (answer, answered) =
+        tokio::time::timeout(Duration::from_secs(30), waiting).await.expect("in time").expect("task");
     assert_eq!(answer, "/new");
     assert!(answered > streamed, "the new connection was served while the HTTP/2 stream held the only slot");
 }
@@ -374,7 +370,8 @@ async fn past_the_request_limit_a_stream_is_refused_and_a_request_gets_503() {
     tokio::spawn(driving);
     let request = Request::get(format!("http://{addr}/h2")).body(Empty::<Bytes>::new()).expect("request");
     let error = sender.send_request(request).await.expect_err("the stream was served past the limit");
-    let reason = std::error::Error::source(&error).and_then(|e| e.downcast_ref::<h2::Error>()).and_then(h2::Error::reason);
+    let reason =
+        std::error::Error::source(&error).and_then(|e| e.downcast_ref::<h2::Error>()).and_then(h2::Error::reason);
     assert_eq!(reason, Some(h2::Reason::REFUSED_STREAM), "{error:?}");
 
     let mut refused = TcpStream::connect(addr).await.expect("connect");

@@ -881,11 +881,9 @@ async fn h2c_streams_row(world: &World) -> anyhow::Result<(Row, String)> {
     const LIMIT_MIB: f64 = 64.0;
     let mut http1_only = (*world.ca.server_config(&[RUN_HOST])).clone();
     http1_only.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let upstream = wiproxy_tests::serve::https(
-        wiproxy_tests::function::router(world.function.clone()),
-        Arc::new(http1_only),
-    )
-    .await;
+    let upstream =
+        wiproxy_tests::serve::https(wiproxy_tests::function::router(world.function.clone()), Arc::new(http1_only))
+            .await;
     let mut env = world.env(&format!("run=https://{RUN_HOST}"));
     for (key, value) in env.iter_mut() {
         if key == "WIPROXY_RESOLVE" {
@@ -921,9 +919,8 @@ async fn h2c_streams_row(world: &World) -> anyhow::Result<(Row, String)> {
             let mut sender = sender.clone();
             let url = sidecar.url("/run/sleep/2");
             streams.spawn(async move {
-                let request = http::Request::get(url)
-                    .body(http_body_util::Empty::<bytes::Bytes>::new())
-                    .expect("request");
+                let request =
+                    http::Request::get(url).body(http_body_util::Empty::<bytes::Bytes>::new()).expect("request");
                 let sent = tokio::time::timeout(Duration::from_secs(60), async {
                     sender.ready().await?;
                     sender.send_request(request).await
