@@ -870,7 +870,7 @@ async fn silent_admission_row(webhook: &Webhook, tls: &Arc<rustls::ClientConfig>
 }
 
 /// L4: 1,500 concurrent h2c streams (15 connections of 100) from the app to an upstream that
-/// speaks HTTP/1.1 only, each held 2 s by the upstream, against the sidecar's injected memory
+/// speaks HTTP/1.1 only, each held 5 s by the upstream (so that all are in flight at once), against the sidecar's injected memory
 /// limit (64Mi, webhook/src/inject.rs). Every stream is answered, or refused with
 /// REFUSED_STREAM (the client may send it again: it was not processed), nothing else. A
 /// sidecar of its own, so the peak is this attack's alone; its log is returned.
@@ -917,7 +917,7 @@ async fn h2c_streams_row(world: &World) -> anyhow::Result<(Row, String)> {
         tokio::spawn(driving);
         for _ in 0..STREAMS {
             let mut sender = sender.clone();
-            let url = sidecar.url("/run/sleep/2");
+            let url = sidecar.url("/run/sleep/5");
             streams.spawn(async move {
                 let request =
                     http::Request::get(url).body(http_body_util::Empty::<bytes::Bytes>::new()).expect("request");
