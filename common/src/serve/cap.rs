@@ -2,16 +2,15 @@
 //! source address may hold, and which connection leaves first when a new one needs room.
 //!
 //! At the cap, a new connection takes the place of, in this order:
-//! 1. the oldest *quiet* connection: connected, and not a byte sent yet (no TLS ClientHello, no
+//! 1. the oldest *silent* connection: connected, and not a byte sent yet (no TLS ClientHello, no
 //!    request). It had its chance; a kubelet probe or the API server sends at once.
-//! 2. the oldest connection that has started but not finished its first request head (in its
-//!    TLS handshake, or half-way through the head). With 1 and 2 together called *silent*: no
-//!    complete request head yet. A client that is handshaking goes only after every quiet one.
-//! 3. the kept-alive HTTP/1.1 connection that has waited longest for its next request (as nginx
+//! 2. the kept-alive HTTP/1.1 connection that has waited longest for its next request (as nginx
 //!    reuses its kept-alive connections when it runs out of them).
 //!
-//! A connection serving a request, and an HTTP/2 connection once it has sent one, never leaves
-//! for another. With nothing to ask, the new connection waits, accepted, for a slot; the ones
+//! A connection that has started its TLS handshake or its first request head is left to finish
+//! it within the header timeout: its request may be complete in the socket already, and closing
+//! it would lose it. A connection serving a request, and an HTTP/2 connection once it has sent
+//! one, never leaves for another. With nothing to ask, the new connection waits, accepted, for a slot; the ones
 //! after it wait in the kernel's backlog.
 //!
 //! A source address at its share of the slots makes room the same way among its own
@@ -51,13 +50,10 @@ struct Slots {
     open: usize,
     /// Connections asked to leave that have not left yet.
     leaving: usize,
-    /// Keys of the three lists: one counter, so a lower key is older.
+    /// Keys of the two lists: one counter, so a lower key is older.
     next: u64,
-    /// Quiet connections (not a byte yet), oldest first.
+    /// Silent connections (not a byte yet), oldest first.
     quiet: BTreeMap<u64, Arc<Place>>,
-    /// Connections that started their first request head (or TLS handshake) and have not
-    /// finished it, oldest first.
-    started: BTreeMap<u64, Arc<Place>>,
     /// Kept-alive HTTP/1.1 connections between requests, longest-waiting first.
     waiting: BTreeMap<u64, Arc<Place>>,
     sources: HashMap<IpAddr, Source>,
@@ -74,8 +70,8 @@ struct Source {
 enum Standing {
     /// Not a byte yet; the key in [`Slots::quiet`].
     Quiet(u64),
-    /// Some bytes, no complete request head yet; the key in [`Slots::started`].
-    Started(u64),
+    /// In its TLS handshake or first request head: left to finish it.
+    Started,
     /// Between HTTP/1.1 requests; the key in [`Slots::waiting`].
     Waiting(u64),
     /// Serving, or an HTTP/2 connection that has sent a request: never asked to leave.
@@ -171,8 +167,7 @@ impl Slots {
     /// leave; false when there is none to ask.
     fn ask_to_leave(&mut self, source: Option<IpAddr>) -> bool {
         let ours = |place: &&Arc<Place>| source.is_none_or(|source| place.source == source);
-        let Some(place) =
-            [&self.quiet, &self.started, &self.waiting].into_iter().find_map(|list| list.values().find(ours)).cloned()
+        let Some(place) = [&self.quiet, &self.waiting].into_iter().find_map(|list| list.values().find(ours)).cloned()
         else {
             return false;
         };
@@ -189,9 +184,8 @@ impl Slots {
     fn unlist(&mut self, standing: Standing) {
         match standing {
             Standing::Quiet(key) => drop(self.quiet.remove(&key)),
-            Standing::Started(key) => drop(self.started.remove(&key)),
             Standing::Waiting(key) => drop(self.waiting.remove(&key)),
-            Standing::Serving | Standing::Leaving => {}
+            Standing::Started | Standing::Serving | Standing::Leaving => {}
         }
     }
 
@@ -219,14 +213,13 @@ impl Place {
     }
 
     /// The connection's first bytes arrived (a TLS ClientHello, or the start of a request): it
-    /// leaves after every quiet connection.
-    pub(super) fn spoke(self: &Arc<Self>) {
+    /// is left to finish its handshake and head within the header timeout.
+    pub(super) fn spoke(&self) {
         let mut slots = self.cap.lock();
         let mut standing = self.standing();
         if let Standing::Quiet(key) = *standing {
             slots.quiet.remove(&key);
-            slots.started.insert(key, self.clone());
-            *standing = Standing::Started(key);
+            *standing = Standing::Started;
         }
     }
 
@@ -357,7 +350,7 @@ mod tests {
     }
 
     #[test]
-    fn a_connection_that_has_started_its_head_leaves_after_every_quiet_one() {
+    fn a_connection_that_has_started_its_head_is_left_to_finish_it() {
         let cap = Arc::new(Cap::new(3, 3));
         let handshaking = admitted(&cap, A);
         handshaking.place().spoke();
@@ -369,7 +362,12 @@ mod tests {
         let serving = admitted(&cap, B);
         serving.place().serving();
         assert!(matches!(cap.admit(B), Admission::Full));
-        assert!(told(&handshaking) && !told(&kept));
+        assert!(told(&kept) && !told(&handshaking));
+        drop(kept);
+        let also_serving = admitted(&cap, B);
+        also_serving.place().serving();
+        assert!(matches!(cap.admit(B), Admission::Full));
+        assert!(!told(&handshaking));
     }
 
     #[test]
@@ -438,7 +436,7 @@ mod tests {
         drop(slots);
         let state = cap.lock();
         assert_eq!((state.open, state.leaving), (0, 0));
-        assert!(state.quiet.is_empty() && state.started.is_empty() && state.waiting.is_empty());
+        assert!(state.quiet.is_empty() && state.waiting.is_empty());
         assert!(state.sources.is_empty());
     }
 }

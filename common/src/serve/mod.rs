@@ -56,10 +56,10 @@ pub struct ConnectionPolicy {
     /// Shown in logs: which listener this is.
     pub name: &'static str,
     /// Connections served at once, and how many of them one source address may hold. At the
-    /// cap, a new connection takes the place of the oldest silent connection (no complete
-    /// request head yet), else of the kept-alive HTTP/1.1 connection that has waited longest;
-    /// a connection serving a request, and an HTTP/2 connection that has sent one, never
-    /// leave for another. With none to ask, new connections wait in the kernel's backlog (and
+    /// cap, a new connection takes the place of the oldest silent connection (not a byte sent),
+    /// else of the kept-alive HTTP/1.1 connection that has waited longest; a connection in its
+    /// TLS handshake or first head, one serving a request, and an HTTP/2 connection that has
+    /// sent one, never leave for another. With none to ask, new connections wait in the kernel's backlog (and
     /// past that are refused by the kernel), so neither tasks nor file descriptors grow with
     /// the number of clients. A source at its share makes room among its own connections
     /// only, and is refused when all of them are serving. Listeners that clone one policy

@@ -389,10 +389,10 @@ async fn past_the_request_limit_a_stream_is_refused_and_a_request_gets_503() {
     assert_eq!(sender.send_request(request).await.expect("served").status(), 200);
 }
 
-/// A connection that has started its first request goes only after every quiet one, though it
-/// is older: a client in the middle of its head (or TLS handshake) finishes it.
+/// A connection that has started its first request is left to finish it, though it is older
+/// than a silent one: a client in the middle of its head (or TLS handshake) finishes it.
 #[tokio::test]
-async fn a_connection_that_started_its_head_leaves_after_a_quiet_one() {
+async fn a_connection_that_started_its_head_is_left_to_finish_it() {
     let policy = ConnectionPolicy::new("test", 2)
         .per_source(2)
         .header_timeout(Duration::from_secs(600))

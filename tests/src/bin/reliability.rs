@@ -818,8 +818,14 @@ async fn silent_admission_row(webhook: &Webhook, tls: &Arc<rustls::ClientConfig>
         let source = Ipv4Addr::new(127, 0, 1, 1 + (i % 100) as u8);
         silent_ones.spawn(silent(webhook.addr, source, true, stopped.clone()));
     }
-    // Past the 2 s header timeout: every slot has been taken by a silent connection.
-    tokio::time::sleep(Duration::from_secs(HEADER_TIMEOUT + 1)).await;
+    // Past the 2 s header timeout every slot has been taken by a silent connection; the
+    // kept-alive client sends all the while, as the API server does (waiting longer than the
+    // header timeout between reviews, it would see its connection closed as idle).
+    let warm_up = Instant::now() + Duration::from_secs(HEADER_TIMEOUT + 1);
+    while Instant::now() < warm_up {
+        review_on(&mut kept, &body).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
     let held = proc.fds();
 
     let mut kept_answered = 0;
