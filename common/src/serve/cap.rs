@@ -21,8 +21,16 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use std::time::Duration;
+
 use tokio::sync::futures::Notified;
 use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// How long a new connection counts as arriving rather than silent: its first bytes may be in
+/// the socket already, and its task not yet run to see them. A kubelet probe or the API server
+/// sends within microseconds; a connection quiet past this is silent.
+const GRACE: Duration = Duration::from_millis(100);
 
 /// The smallest share of a cap one source gets by default: the kubelet's three probes (startup,
 /// liveness, readiness) at once, and one more.
@@ -39,6 +47,8 @@ pub(super) fn default_share(max: usize) -> usize {
 pub struct Cap {
     max: usize,
     per_source: usize,
+    /// See [`GRACE`].
+    grace: Duration,
     slots: Mutex<Slots>,
     /// A slot was freed, or a request for room withdrawn: an accept loop waiting for room looks
     /// again.
@@ -86,8 +96,9 @@ pub(super) enum Admission {
     /// A slot, held until the [`Slot`] is dropped.
     Admitted(Slot),
     /// The cap is full, or the source at its share, and a connection was asked to leave (or
-    /// none can be): wait for [`Cap::changed`] and ask again.
-    Full,
+    /// none can be): wait for [`Cap::changed`], or until the given time when the oldest quiet
+    /// connection becomes silent, and ask again.
+    Full(Option<Instant>),
     /// The source holds its share and every one of its connections is serving: close the new
     /// one.
     Refused,
@@ -97,7 +108,19 @@ impl Cap {
     /// `max` connections at once, at most `per_source` of them from one source address.
     pub(super) fn new(max: usize, per_source: usize) -> Self {
         let max = max.max(1);
-        Self { max, per_source: per_source.clamp(1, max), slots: Mutex::new(Slots::default()), changed: Notify::new() }
+        Self {
+            max,
+            per_source: per_source.clamp(1, max),
+            grace: GRACE,
+            slots: Mutex::new(Slots::default()),
+            changed: Notify::new(),
+        }
+    }
+
+    #[cfg(test)]
+    fn without_grace(mut self) -> Self {
+        self.grace = Duration::ZERO;
+        self
     }
 
     /// Connections served at once.
@@ -133,21 +156,29 @@ impl Cap {
         let mine = slots.sources.get(&source).copied().unwrap_or_default();
         // A share as large as the cap is no share: the source waits for room like any other.
         let shared = self.per_source < self.max;
-        if shared && mine.open - mine.leaving >= self.per_source && !slots.ask_to_leave(Some(source)) {
-            return Admission::Refused;
+        let mut later = None;
+        if shared && mine.open - mine.leaving >= self.per_source {
+            match slots.ask_to_leave(Some(source), self.grace) {
+                Asked::Now => {}
+                Asked::Later(at) => later = Some(at),
+                Asked::NoOne => return Admission::Refused,
+            }
         }
         if slots.open - slots.leaving >= self.max {
-            slots.ask_to_leave(None);
+            if let Asked::Later(at) = slots.ask_to_leave(None, self.grace) {
+                later = later.min(Some(at)).or(Some(at));
+            }
         }
         let mine = slots.sources.get(&source).copied().unwrap_or_default();
         if slots.open >= self.max || mine.open >= self.per_source {
-            return Admission::Full;
+            return Admission::Full(later);
         }
         let key = slots.key();
         let place = Arc::new(Place {
             cap: self.clone(),
             source,
             standing: Mutex::new(Standing::Quiet(key)),
+            since: Instant::now(),
             told: Notify::new(),
         });
         slots.quiet.insert(key, place.clone());
@@ -164,12 +195,16 @@ impl Slots {
     }
 
     /// Asks the first connection in the eviction order (among `source`'s own, if given) to
-    /// leave; false when there is none to ask.
-    fn ask_to_leave(&mut self, source: Option<IpAddr>) -> bool {
+    /// leave. A quiet connection younger than `grace` is not asked yet, nor anyone after it: it
+    /// may be silent, and a kept-alive connection goes only when none is.
+    fn ask_to_leave(&mut self, source: Option<IpAddr>, grace: Duration) -> Asked {
         let ours = |place: &&Arc<Place>| source.is_none_or(|source| place.source == source);
-        let Some(place) = [&self.quiet, &self.waiting].into_iter().find_map(|list| list.values().find(ours)).cloned()
-        else {
-            return false;
+        let quiet = self.quiet.values().find(ours);
+        if let Some(young) = quiet.filter(|place| place.since + grace > Instant::now()) {
+            return Asked::Later(young.since + grace);
+        }
+        let Some(place) = quiet.or_else(|| self.waiting.values().find(ours)).cloned() else {
+            return Asked::NoOne;
         };
         let mut standing = place.standing();
         self.unlist(*standing);
@@ -177,7 +212,7 @@ impl Slots {
         self.leaving += 1;
         self.sources.entry(place.source).or_default().leaving += 1;
         place.told.notify_one();
-        true
+        Asked::Now
     }
 
     /// Takes a connection off the eviction order (or off the count of leaving ones).
@@ -197,12 +232,22 @@ impl Slots {
     }
 }
 
+/// Whether a connection was asked to leave.
+enum Asked {
+    Now,
+    /// Not yet: the oldest quiet connection may still speak until then.
+    Later(Instant),
+    NoOne,
+}
+
 /// One connection's slot, as the cap lists it. Its standing changes only under the cap's lock.
 #[derive(Debug)]
 pub(super) struct Place {
     cap: Arc<Cap>,
     source: IpAddr,
     standing: Mutex<Standing>,
+    /// When it was admitted.
+    since: Instant,
     /// Notified when the connection is asked to leave.
     told: Notify,
 }
@@ -326,59 +371,69 @@ mod tests {
 
     #[test]
     fn at_the_cap_the_oldest_silent_connection_leaves_before_a_kept_alive_one() {
-        let cap = Arc::new(Cap::new(3, 3));
+        let cap = Arc::new(Cap::new(3, 3).without_grace());
         let kept = kept_alive(&cap, A);
         let silent = admitted(&cap, A);
         let younger = admitted(&cap, A);
-        assert!(matches!(cap.admit(A), Admission::Full));
+        assert!(matches!(cap.admit(A), Admission::Full(_)));
         assert!(told(&silent), "the oldest silent connection was not asked to leave");
         assert!(!told(&kept) && !told(&younger));
         // Asked once: until it leaves, a new connection asks no one else.
-        assert!(matches!(cap.admit(A), Admission::Full));
+        assert!(matches!(cap.admit(A), Admission::Full(_)));
         assert!(!told(&younger) && !told(&kept));
         drop(silent);
         let serving = admitted(&cap, A);
         serving.place().serving();
         // The silent ones go first, then the kept-alive one; the serving one never.
-        assert!(matches!(cap.admit(A), Admission::Full));
+        assert!(matches!(cap.admit(A), Admission::Full(_)));
         assert!(told(&younger) && !told(&kept));
         drop(younger);
         let also_serving = admitted(&cap, A);
         also_serving.place().serving();
-        assert!(matches!(cap.admit(A), Admission::Full));
+        assert!(matches!(cap.admit(A), Admission::Full(_)));
         assert!(told(&kept) && !told(&serving) && !told(&also_serving));
     }
 
     #[test]
     fn a_connection_that_has_started_its_head_is_left_to_finish_it() {
-        let cap = Arc::new(Cap::new(3, 3));
+        let cap = Arc::new(Cap::new(3, 3).without_grace());
         let handshaking = admitted(&cap, A);
         handshaking.place().spoke();
         let quiet = admitted(&cap, A);
         let kept = kept_alive(&cap, A);
-        assert!(matches!(cap.admit(B), Admission::Full));
+        assert!(matches!(cap.admit(B), Admission::Full(_)));
         assert!(told(&quiet) && !told(&handshaking) && !told(&kept));
         drop(quiet);
         let serving = admitted(&cap, B);
         serving.place().serving();
-        assert!(matches!(cap.admit(B), Admission::Full));
+        assert!(matches!(cap.admit(B), Admission::Full(_)));
         assert!(told(&kept) && !told(&handshaking));
         drop(kept);
         let also_serving = admitted(&cap, B);
         also_serving.place().serving();
-        assert!(matches!(cap.admit(B), Admission::Full));
+        assert!(matches!(cap.admit(B), Admission::Full(_)));
         assert!(!told(&handshaking));
     }
 
     #[test]
-    fn a_serving_connection_is_never_asked_to_leave() {
+    fn a_connection_just_admitted_is_not_silent_yet_and_no_kept_alive_one_leaves_for_it() {
         let cap = Arc::new(Cap::new(2, 2));
+        let kept = kept_alive(&cap, A);
+        let arriving = admitted(&cap, A);
+        let Admission::Full(Some(at)) = cap.admit(B) else { panic!("expected to wait for the grace") };
+        assert!(at > Instant::now() && at <= Instant::now() + GRACE);
+        assert!(!told(&kept) && !told(&arriving));
+    }
+
+    #[test]
+    fn a_serving_connection_is_never_asked_to_leave() {
+        let cap = Arc::new(Cap::new(2, 2).without_grace());
         let first = admitted(&cap, A);
         let second = admitted(&cap, B);
         first.place().serving();
         second.place().serving();
         for _ in 0..3 {
-            assert!(matches!(cap.admit(A), Admission::Full));
+            assert!(matches!(cap.admit(A), Admission::Full(_)));
         }
         assert!(!told(&first) && !told(&second));
         drop(first);
@@ -387,26 +442,26 @@ mod tests {
 
     #[test]
     fn a_request_that_arrives_first_withdraws_the_request_to_leave() {
-        let cap = Arc::new(Cap::new(2, 2));
+        let cap = Arc::new(Cap::new(2, 2).without_grace());
         let first = admitted(&cap, A);
         let second = admitted(&cap, A);
-        assert!(matches!(cap.admit(B), Admission::Full));
+        assert!(matches!(cap.admit(B), Admission::Full(_)));
         assert!(told(&first));
         first.place().serving();
         assert!(!told(&first));
         // The next one asked is the other silent connection.
-        assert!(matches!(cap.admit(B), Admission::Full));
+        assert!(matches!(cap.admit(B), Admission::Full(_)));
         assert!(told(&second) && !told(&first));
     }
 
     #[test]
     fn a_source_at_its_share_makes_room_among_its_own_connections_then_is_refused() {
-        let cap = Arc::new(Cap::new(8, 2));
+        let cap = Arc::new(Cap::new(8, 2).without_grace());
         let other = admitted(&cap, B);
         let first = admitted(&cap, A);
         let second = admitted(&cap, A);
         // At its share, though the cap has room: its own oldest silent connection leaves.
-        assert!(matches!(cap.admit(A), Admission::Full));
+        assert!(matches!(cap.admit(A), Admission::Full(_)));
         assert!(told(&first) && !told(&second) && !told(&other));
         drop(first);
         let third = admitted(&cap, A);
@@ -430,9 +485,9 @@ mod tests {
 
     #[test]
     fn freed_slots_and_sources_are_forgotten() {
-        let cap = Arc::new(Cap::new(4, 4));
+        let cap = Arc::new(Cap::new(4, 4).without_grace());
         let slots: Vec<_> = (0..4).map(|_| kept_alive(&cap, A)).collect();
-        assert!(matches!(cap.admit(B), Admission::Full));
+        assert!(matches!(cap.admit(B), Admission::Full(_)));
         drop(slots);
         let state = cap.lock();
         assert_eq!((state.open, state.leaving), (0, 0));

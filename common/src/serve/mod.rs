@@ -307,8 +307,9 @@ pub async fn serve<Open, Opened, Io, MakeService, S, B>(
                     debug!(listener = policy.name, %peer, share = cap.per_source(), "connection refused: its source holds its share of the connections, all serving");
                     continue 'accepting;
                 }
-                Admission::Full => tokio::select! {
+                Admission::Full(later) => tokio::select! {
                     () = changed => {}
+                    () = tokio::time::sleep_until(later.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600))), if later.is_some() => {}
                     () = stopped(&mut shutdown) => break 'accepting,
                 },
             }
