@@ -20,10 +20,14 @@ pub struct Admin {
     pub metrics: Arc<Metrics>,
 }
 
-/// The admin port is reachable from every pod in the cluster: a small cap of its own (the
-/// kubelet's probes and a Prometheus scrape need a handful), small heads and short timeouts, so
-/// nothing sent to it can take memory or file descriptors the proxy needs.
-pub const ADMIN_CONNECTIONS: usize = 16;
+/// The admin port is reachable from every pod in the cluster: a small cap of its own, small heads
+/// and short timeouts, so nothing sent to it can take memory or file descriptors the proxy needs.
+/// The kubelet's probes (a new connection each, three kinds at most) and a Prometheus scrape
+/// need a handful; 32 slots with a share of 8 per source address (a quarter) leave them room
+/// when one pod holds its share, and silent connections leave first for them whatever the
+/// number of pods sending them (see `wiproxy_common::serve`). A slot costs nothing until used,
+/// and a silent one about 2 KiB.
+pub const ADMIN_CONNECTIONS: usize = 32;
 pub const ADMIN_HEADER_BYTES: usize = 8 * 1024;
 pub const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
 pub const ADMIN_IDLE_TIMEOUT: Duration = Duration::from_secs(10);

@@ -96,6 +96,12 @@ pub struct Settings {
     /// the kernel's backlog.
     #[arg(long, global = true, env = "WIPROXY_MAX_CONNECTIONS", default_value_t = 256)]
     pub max_connections: usize,
+    /// Requests in flight at once on the proxy port and the upstream ports together (HTTP/2
+    /// streams and HTTP/1.1 requests); past it an HTTP/2 stream is refused with REFUSED_STREAM
+    /// and an HTTP/1.1 request gets 503. Bounds the sidecar's memory (see docs/sidecar.md,
+    /// "Limits").
+    #[arg(long, global = true, env = "WIPROXY_MAX_REQUESTS", default_value_t = MAX_REQUESTS)]
+    pub max_requests: usize,
     /// Longest time for a request's headers (and an idle HTTP/1.1 keep-alive) on the proxy
     /// ports, in seconds.
     #[arg(long, global = true, env = "WIPROXY_HEADER_TIMEOUT", default_value_t = 60)]
@@ -134,6 +140,20 @@ pub enum ConfigError {
 
 /// Largest request head on the proxy ports: room for large cookies and several tokens.
 const PROXY_HEADER_BYTES: usize = 128 * 1024;
+
+/// The default of `WIPROXY_MAX_REQUESTS`: what fits the injected 64Mi memory limit with room
+/// for the rest (docs/sidecar.md, "Limits", has the per-request budget and its measurement).
+pub const MAX_REQUESTS: usize = 256;
+/// Concurrent HTTP/2 streams on one connection from the app: HTTP/2's recommended minimum
+/// (RFC 9113 §6.5.2); more streams take turns within the request limit anyway.
+const PROXY_STREAMS: u32 = 100;
+/// Request body bytes an HTTP/2 client may send ahead on one stream (HTTP/2's initial window,
+/// RFC 9113 §6.9.2) and on one connection, before the upstream takes them; and response bytes
+/// queued for one stream while the app does not read. Plenty on the pod's loopback, where a
+/// round trip takes microseconds; per request in flight they bound what the sidecar buffers.
+const PROXY_STREAM_WINDOW: u32 = 64 * 1024;
+const PROXY_CONNECTION_WINDOW: u32 = 256 * 1024;
+const PROXY_SEND_BUFFER: usize = 64 * 1024;
 
 /// The checked configuration the proxy runs with.
 pub struct Config {
@@ -187,13 +207,19 @@ impl Settings {
             token_wait: Duration::from_secs(self.token_wait),
             upstream_timeout: (self.upstream_timeout > 0).then(|| Duration::from_secs(self.upstream_timeout)),
             connect_timeout: Duration::from_secs(self.connect_timeout.max(1)),
+            // The proxy ports listen on the pod's loopback: every connection comes from the app
+            // (127.0.0.1), so one source holds the whole cap.
             connections: wiproxy_common::serve::ConnectionPolicy::new("proxy", self.max_connections)
+                .per_source(self.max_connections)
+                .max_requests(self.max_requests)
                 .header_timeout(Duration::from_secs(self.header_timeout.max(1)))
                 .body_timeout(Duration::from_secs(self.body_timeout.max(1)))
                 .idle_timeout(Duration::from_secs(self.idle_timeout.max(1)))
                 .max_header_bytes(PROXY_HEADER_BYTES)
                 .max_headers(200)
-                .max_streams(256),
+                .max_streams(PROXY_STREAMS)
+                .windows(PROXY_STREAM_WINDOW, PROXY_CONNECTION_WINDOW)
+                .send_buffer(PROXY_SEND_BUFFER),
             retry_buffer_bytes: usize::try_from(self.retry_buffer_kib.saturating_mul(1024)).unwrap_or(usize::MAX),
         })
     }

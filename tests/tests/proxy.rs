@@ -95,9 +95,11 @@ async fn a_thousand_concurrent_first_requests_cause_one_fetch() {
     world.google.delay_ms.store(500, Ordering::SeqCst);
     // Every request gets a connection of its own, so the cap is raised past 1,000: at the
     // default 256, the rest wait in the backlog until kept-alive connections are let go of,
-    // which is not what this test is about.
+    // which is not what this test is about. So is the limit of requests in flight (256 too:
+    // past it, 503).
     let mut env = world.env(&format!("fn={FUNCTION_URL}"));
     env.push(("WIPROXY_MAX_CONNECTIONS".into(), "1100".into()));
+    env.push(("WIPROXY_MAX_REQUESTS".into(), "1100".into()));
     let sidecar = Sidecar::start(&env);
     let http = Http::new();
     let url = sidecar.url("/fn/first");

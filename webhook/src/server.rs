@@ -71,8 +71,10 @@ impl Default for ConnectionArgs {
 /// Largest request head on the admission port: the API server sends a few short headers.
 const ADMISSION_HEADER_BYTES: usize = 64 * 1024;
 /// The admin port (kubelet probes, Prometheus): a small cap and small heads of its own, so
-/// nothing on it can take resources from the admission port.
-const ADMIN_CONNECTIONS: usize = 32;
+/// nothing on it can take resources from the admission port. 64 slots, 16 per source address (a
+/// quarter): one pod holding its share leaves the kubelet's probes 48, and silent connections
+/// leave first for them (see docs/webhook.md, "Connection limits").
+const ADMIN_CONNECTIONS: usize = 64;
 const ADMIN_HEADER_BYTES: usize = 16 * 1024;
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
 const ADMIN_IDLE_TIMEOUT: Duration = Duration::from_secs(30);

@@ -3,7 +3,7 @@
 //! tried, panics, tokens leaked, peak RSS and connections held per attack, and exits non-zero
 //! when a bound does not hold. Usage: `wiproxy-reliability RELEASE_DIR`.
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -65,6 +65,7 @@ impl Proc {
 struct Webhook {
     child: Child,
     addr: SocketAddr,
+    admin: SocketAddr,
     log: PathBuf,
 }
 
@@ -78,6 +79,7 @@ impl Webhook {
         name: &str,
     ) -> anyhow::Result<Self> {
         let port = free_port();
+        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let log = dir.join(format!("{name}.log"));
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
         let command = format!(
@@ -87,7 +89,7 @@ impl Webhook {
              --max-connections {MAX_CONNECTIONS} --log-format text",
             limit = fd_limit.map(|n| format!("ulimit -n {n}; ")).unwrap_or_default(),
             bin = bin.display(),
-            admin = free_port(),
+            admin = admin.port(),
             cert = cert.display(),
             key = key.display(),
             cluster = root.join("webhook/tests/golden/cluster.yaml").display(),
@@ -109,7 +111,7 @@ impl Webhook {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        Ok(Self { child, addr, log })
+        Ok(Self { child, addr, admin, log })
     }
 
     fn proc(&self) -> Proc {
@@ -639,6 +641,8 @@ async fn main() -> anyhow::Result<()> {
         ),
     });
 
+    rows.push(probes_row("H3 webhook admin: probes under 10 silent connections/s", webhook.admin).await);
+    rows.push(silent_admission_row(&webhook, &tls).await?);
     let webhook_log = webhook_log + &webhook.log();
     drop(webhook);
 
@@ -836,8 +840,12 @@ async fn main() -> anyhow::Result<()> {
         ),
     });
 
+    rows.push(probes_row("H3 sidecar admin: probes under 10 silent connections/s", sidecar.admin).await);
+    let (row, streams_log) = h2c_streams_row(&world).await?;
+    rows.push(row);
+
     // Panics and leaked tokens, over every log.
-    let logs = format!("{webhook_log}{}", sidecar.log());
+    let logs = format!("{webhook_log}{}{streams_log}", sidecar.log());
     let panics = logs.matches("panicked").count() as u64;
     let minted = world.google.minted();
     let leaked = minted
@@ -877,4 +885,309 @@ async fn main() -> anyhow::Result<()> {
         bail!("a bound did not hold (FAIL above)");
     }
     Ok(())
+}
+
+/// A connection from `source`, a loopback address other than 127.0.0.1: the kernel routes all
+/// of 127.0.0.0/8 to the loopback interface, so each address stands for another pod.
+async fn connect_from(source: Ipv4Addr, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(SocketAddr::from((source, 0)))?;
+    socket.connect(addr).await
+}
+
+/// One silent connection from `source`: connects, sends nothing, and holds the connection until
+/// the server closes it (or `stop`); with `again`, connects again 100 ms after each close.
+async fn silent(addr: SocketAddr, source: Ipv4Addr, again: bool, mut stop: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        if let Ok(Ok(mut stream)) = tokio::time::timeout(Duration::from_secs(5), connect_from(source, addr)).await {
+            let mut buf = [0u8; 64];
+            tokio::select! {
+                _ = stream.read(&mut buf) => {}
+                _ = stop.wait_for(|stop| *stop) => return,
+            }
+        }
+        if !again || *stop.borrow() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A kubelet-like probe: `GET /readyz` on a new connection, answered 200 within 1 s (the
+/// kubelet's default `timeoutSeconds`; its HTTP prober disables keep-alive).
+async fn probe(addr: SocketAddr) -> bool {
+    tokio::time::timeout(Duration::from_secs(1), async {
+        let mut stream = TcpStream::connect(addr).await.ok()?;
+        stream.write_all(b"GET /readyz HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n\r\n").await.ok()?;
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await.ok()?;
+        Some(answer.starts_with(b"HTTP/1.1 200"))
+    })
+    .await
+    .ok()
+    .flatten()
+    .unwrap_or(false)
+}
+
+/// H3: probes from 127.0.0.1 (the node) while one pod (127.0.0.2) opens 10 silent
+/// connections a second to `admin`, each held until the server closes it.
+async fn probes_row(attack: &'static str, admin: SocketAddr) -> Row {
+    const PROBES: u64 = 20;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let opening = tokio::spawn({
+        let stopped = stopped.clone();
+        async move {
+            let mut silent_ones = tokio::task::JoinSet::new();
+            while !*stopped.borrow() {
+                silent_ones.spawn(silent(admin, Ipv4Addr::new(127, 0, 0, 2), false, stopped.clone()));
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let opened = silent_ones.len();
+            silent_ones.join_all().await;
+            opened
+        }
+    });
+    // Past the admin ports' 5 s header timeout: about 50 silent connections at once, against 16
+    // or 32 slots before the connection policy made room.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let mut answered = 0;
+    for _ in 0..PROBES {
+        if probe(admin).await {
+            answered += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    let _ = stop.send(true);
+    let opened = opening.await.unwrap_or(0);
+    let share = answered as f64 / PROBES as f64;
+    Row {
+        attack,
+        cases: PROBES,
+        panics: 0,
+        leaked: 0,
+        peak_rss: 0.0,
+        held: format!("{opened} silent opened"),
+        verdict: check(share >= 0.9, format!("{answered}/{PROBES} probes answered 200 within 1 s (>= 90 %)")),
+    }
+}
+
+/// One review on a kept-alive HTTP/1.1 connection (hyper's client keeps it): whether it was
+/// answered with an allowed review within 5 s.
+async fn review_on<B>(sender: &mut B, body: &[u8]) -> bool
+where
+    B: ReviewSender,
+{
+    tokio::time::timeout(Duration::from_secs(5), sender.review(body)).await.ok().flatten().unwrap_or(false)
+}
+
+/// The two kinds of review connections H4 sends on.
+trait ReviewSender {
+    fn review(&mut self, body: &[u8]) -> impl std::future::Future<Output = Option<bool>> + Send;
+}
+
+fn review_request(body: &[u8]) -> http::Request<http_body_util::Full<bytes::Bytes>> {
+    http::Request::post("https://localhost/mutate")
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .header(http::header::HOST, "localhost")
+        .body(http_body_util::Full::new(bytes::Bytes::copy_from_slice(body)))
+        .expect("request")
+}
+
+async fn allowed(response: http::Response<hyper::body::Incoming>) -> Option<bool> {
+    use http_body_util::BodyExt;
+    let ok = response.status() == 200;
+    let body = response.into_body().collect().await.ok()?.to_bytes();
+    Some(ok && String::from_utf8_lossy(&body).contains(r#""allowed":true"#))
+}
+
+impl ReviewSender for hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>> {
+    async fn review(&mut self, body: &[u8]) -> Option<bool> {
+        self.ready().await.ok()?;
+        allowed(self.send_request(review_request(body)).await.ok()?).await
+    }
+}
+
+impl ReviewSender for hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>> {
+    async fn review(&mut self, body: &[u8]) -> Option<bool> {
+        self.ready().await.ok()?;
+        allowed(self.send_request(review_request(body)).await.ok()?).await
+    }
+}
+
+/// H4: reviews on a kept-alive HTTP/1.1 connection (as the API server keeps one) and on new h2
+/// connections, while 1,500 connections from 100 other sources never send a TLS hello, each
+/// opened again 100 ms after the webhook closes it, so the admission port stays full.
+async fn silent_admission_row(webhook: &Webhook, tls: &Arc<rustls::ClientConfig>) -> anyhow::Result<Row> {
+    const SILENT: usize = 1500;
+    const REVIEWS: u64 = 10;
+    let body = review_body(0);
+    let stream = tls_connect(webhook.addr, tls).await?;
+    let (mut kept, driving) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    tokio::spawn(driving);
+    if !review_on(&mut kept, &body).await {
+        bail!("the kept-alive connection's first review, before any attack, was not answered");
+    }
+
+    let proc = webhook.proc();
+    proc.reset_peak();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut silent_ones = tokio::task::JoinSet::new();
+    for i in 0..SILENT {
+        let source = Ipv4Addr::new(127, 0, 1, 1 + (i % 100) as u8);
+        silent_ones.spawn(silent(webhook.addr, source, true, stopped.clone()));
+    }
+    // Past the 2 s header timeout every slot has been taken by a silent connection; the
+    // kept-alive client sends all the while, as the API server does (waiting longer than the
+    // header timeout between reviews, it would see its connection closed as idle).
+    let warm_up = Instant::now() + Duration::from_secs(HEADER_TIMEOUT + 1);
+    while Instant::now() < warm_up {
+        review_on(&mut kept, &body).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let held = proc.fds();
+
+    let mut kept_answered = 0;
+    for _ in 0..REVIEWS {
+        if review_on(&mut kept, &body).await {
+            kept_answered += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let mut h2_tls = (**tls).clone();
+    h2_tls.alpn_protocols = vec![b"h2".to_vec()];
+    let h2_tls = Arc::new(h2_tls);
+    let mut h2_answered = 0;
+    for _ in 0..REVIEWS {
+        let answered = tokio::time::timeout(Duration::from_secs(5), async {
+            let stream = tls_connect(webhook.addr, &h2_tls).await.ok()?;
+            let (mut sender, driving) = hyper::client::conn::http2::handshake(
+                hyper_util::rt::TokioExecutor::new(),
+                hyper_util::rt::TokioIo::new(stream),
+            )
+            .await
+            .ok()?;
+            tokio::spawn(driving);
+            sender.review(&body).await
+        })
+        .await;
+        if answered.ok().flatten().unwrap_or(false) {
+            h2_answered += 1;
+        }
+    }
+    let _ = stop.send(true);
+    silent_ones.join_all().await;
+    let enough = |n: u64| n as f64 / REVIEWS as f64 >= 0.9;
+    Ok(Row {
+        attack: "H4 webhook: reviews while 1,500 silent connections fill the admission port",
+        cases: 2 * REVIEWS,
+        panics: 0,
+        leaked: 0,
+        peak_rss: proc.peak_mib(),
+        held: format!("{SILENT} silent from 100 sources, {held} fds at the webhook"),
+        verdict: check(
+            enough(kept_answered) && enough(h2_answered),
+            format!(
+                "kept-alive HTTP/1.1 client {kept_answered}/{REVIEWS}, new h2 connections {h2_answered}/{REVIEWS} answered within 5 s (>= 90 % each)"
+            ),
+        ),
+    })
+}
+
+/// L4: 1,500 concurrent h2c streams (15 connections of 100) from the app to an upstream that
+/// speaks HTTP/1.1 only, each held 5 s by the upstream (so that all are in flight at once), against the sidecar's injected memory
+/// limit (64Mi, webhook/src/inject.rs). Every stream is answered, or refused with
+/// REFUSED_STREAM (the client may send it again: it was not processed), nothing else. A
+/// sidecar of its own, so the peak is this attack's alone; its log is returned.
+async fn h2c_streams_row(world: &World) -> anyhow::Result<(Row, String)> {
+    use wiproxy_tests::world::RUN_HOST;
+    const CONNECTIONS: usize = 15;
+    const STREAMS: usize = 100;
+    const LIMIT_MIB: f64 = 64.0;
+    let mut http1_only = (*world.ca.server_config(&[RUN_HOST])).clone();
+    http1_only.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let upstream =
+        wiproxy_tests::serve::https(wiproxy_tests::function::router(world.function.clone()), Arc::new(http1_only))
+            .await;
+    let mut env = world.env(&format!("run=https://{RUN_HOST}"));
+    for (key, value) in env.iter_mut() {
+        if key == "WIPROXY_RESOLVE" {
+            // The Cloud Run host on the HTTP/1.1-only front end instead.
+            *value = format!("{RUN_HOST}={upstream},{value}");
+        }
+        if key == "WIPROXY_LOG" {
+            *value = "info".into();
+        }
+    }
+    let sidecar = Sidecar::start(&env);
+    let http = Http::new();
+    let ready_by = Instant::now() + Duration::from_secs(15);
+    while http.get(&sidecar.admin_url("/readyz")).await.status != 200 {
+        if Instant::now() > ready_by {
+            bail!("the sidecar never became ready: {}", sidecar.log());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let proc = Proc(sidecar.pid());
+    proc.reset_peak();
+
+    let mut streams = tokio::task::JoinSet::new();
+    for _ in 0..CONNECTIONS {
+        let tcp = TcpStream::connect(sidecar.proxy).await?;
+        let (sender, driving) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await?;
+        tokio::spawn(driving);
+        for _ in 0..STREAMS {
+            let mut sender = sender.clone();
+            let url = sidecar.url("/run/sleep/5");
+            streams.spawn(async move {
+                let request =
+                    http::Request::get(url).body(http_body_util::Empty::<bytes::Bytes>::new()).expect("request");
+                let sent = tokio::time::timeout(Duration::from_secs(60), async {
+                    sender.ready().await?;
+                    sender.send_request(request).await
+                })
+                .await;
+                match sent {
+                    Ok(Ok(response)) => Ok(response.status().as_u16()),
+                    Ok(Err(e)) => {
+                        let reason = std::error::Error::source(&e)
+                            .and_then(|e| e.downcast_ref::<h2::Error>())
+                            .and_then(h2::Error::reason);
+                        Err(reason.map(|r| format!("{r:?}")).unwrap_or_else(|| e.to_string()))
+                    }
+                    Err(_) => Err("no answer within 60 s".to_owned()),
+                }
+            });
+        }
+    }
+    let (mut ok, mut refused, mut other) = (0u64, 0u64, std::collections::BTreeMap::<String, u64>::new());
+    while let Some(outcome) = streams.join_next().await {
+        match outcome.unwrap_or_else(|e| Err(e.to_string())) {
+            Ok(200) => ok += 1,
+            Err(reason) if reason == "REFUSED_STREAM" => refused += 1,
+            Ok(status) => *other.entry(status.to_string()).or_default() += 1,
+            Err(reason) => *other.entry(reason).or_default() += 1,
+        }
+    }
+    let peak = proc.peak_mib();
+    let total = (CONNECTIONS * STREAMS) as u64;
+    let row = Row {
+        attack: "L4 sidecar: 1,500 h2c streams to an HTTP/1.1 upstream",
+        cases: total,
+        panics: 0,
+        leaked: 0,
+        peak_rss: peak,
+        held: format!("{CONNECTIONS} connections"),
+        verdict: check(
+            peak <= LIMIT_MIB && ok + refused == total && ok > 0,
+            format!(
+                "{ok} answered 200, {refused} refused (REFUSED_STREAM){}, peak {peak:.1} MiB <= {LIMIT_MIB}",
+                other.iter().map(|(what, n)| format!("; {n} {what}")).collect::<String>()
+            ),
+        ),
+    };
+    Ok((row, sidecar.log()))
 }
