@@ -39,7 +39,7 @@ fn main() -> ExitCode {
             return render_command(args);
         }
         Command::Crd => {
-            print!("{}", wiproxy_webhook::policy::crd_yaml());
+            print!("{}", wiproxy_webhook::yaml::crd_yaml());
             return ExitCode::SUCCESS;
         }
     };
