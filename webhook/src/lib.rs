@@ -15,6 +15,7 @@ pub mod policy_status;
 pub mod render;
 pub mod review;
 pub mod server;
+pub mod settings;
 pub mod tls;
 pub mod workload;
 pub mod yaml;
