@@ -253,6 +253,8 @@ def main(repository: Path) -> int:
         roots += sorted((src / "bin").glob("*.rs")) if (src / "bin").is_dir() else []
     known = {(root, group) for root, group in KNOWN_CYCLES}
     seen: set[tuple[str, frozenset[str]]] = set()
+    # Known cycles inside a larger new one: that one fails already, and names them.
+    swallowed: set[tuple[str, frozenset[str]]] = set()
     failed = False
     modules = 0
     for root in roots:
@@ -267,8 +269,9 @@ def main(repository: Path) -> int:
                 print(f"{label}: known cycle, to be removed: {loop}")
             else:
                 failed = True
+                swallowed |= {(root, old) for root, old in known if root == label and old < group}
                 print(f"{label}: module cycle: {loop}  (modules {', '.join(sorted(name(m) for m in group))})")
-    for label, group in sorted(known - seen, key=str):
+    for label, group in sorted(known - seen - swallowed, key=str):
         failed = True
         print(f"{label}: the known cycle of {', '.join(sorted(group))} no longer exists: "
               "delete it from KNOWN_CYCLES in tests/check_module_cycles.py")
