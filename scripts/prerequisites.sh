@@ -20,7 +20,8 @@ fi
 # nginx, nghttp2-client (nghttp, h2load) and nodejs for make interop; setpriv (util-linux) for the
 # test of this script.
 packages=()
-python3 -m venv --help >/dev/null 2>&1 || packages+=(python3-venv)
+# `python3 -m venv` needs ensurepip, which Debian ships in python3-venv, not with python3.
+python3 -c "import ensurepip" >/dev/null 2>&1 || packages+=(python3-venv)
 for tool in npm buildah podman runc skopeo shellcheck curl openssl; do
   have "$tool" || packages+=("$tool")
 done
