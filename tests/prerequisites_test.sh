@@ -18,7 +18,8 @@ cp scripts/prerequisites.sh "$work/clone/scripts/"
 printf 'tools:\n\ttouch %s/clone/went-on\n' "$work" > "$work/clone/Makefile"
 chmod -R a+rX "$work"
 chmod a+w "$work/clone"
-# Every command of the usual directories except shellcheck.
+# Every command of the usual directories except shellcheck (an empty directory adds none).
+shopt -s nullglob
 for dir in /usr/local/sbin /usr/local/bin /usr/sbin /usr/bin /sbin /bin; do
   for command in "$dir"/*; do
     name=$(basename "$command")
