@@ -18,7 +18,7 @@ fi
 # Python packages go into .tools/venv), npm (Helm comes from an npm package), buildah, podman, runc
 # and skopeo (make image, image-test, push), shellcheck, curl and openssl for the image test;
 # nginx, nghttp2-client (nghttp, h2load) and nodejs for make interop; setpriv (util-linux) for the
-# test of this script.
+# test of this script; procps below.
 packages=()
 # `python3 -m venv` needs ensurepip, which Debian ships in python3-venv, not with python3.
 python3 -c "import ensurepip" >/dev/null 2>&1 || packages+=(python3-venv)
@@ -29,6 +29,9 @@ have nginx || [ -x /usr/sbin/nginx ] || packages+=(nginx)
 have h2load || packages+=(nghttp2-client)
 have node || packages+=(nodejs)
 have setpriv || packages+=(util-linux)
+# The tests stop the processes they start with the kill program (procps), not bash's builtin; a
+# minimal Debian has only the builtin.
+type -P kill >/dev/null || packages+=(procps)
 # make image takes libc6, libgcc-s1 and ca-certificates with apt-get download: it needs the lists.
 lists=yes
 if [ "$(apt-get download --print-uris libc6 libgcc-s1 ca-certificates 2>/dev/null | grep -c "^'" || true)" != 3 ]; then
