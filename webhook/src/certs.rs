@@ -18,7 +18,7 @@ use kube::Client;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose};
 use tracing::{info, warn};
 
-use crate::cluster::live::MANAGER;
+use crate::settings::MANAGER;
 use crate::tls::ReloadingCertificate;
 
 const NOT_BEFORE: &str = "wiproxy.io/not-before";

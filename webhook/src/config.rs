@@ -12,6 +12,7 @@ use wiproxy_common::logging::LogFormat;
 use crate::certs::SelfSigned;
 use crate::inject::{self, Federation, SidecarSettings};
 use crate::render::{RenderError, RenderJob, RenderOptions};
+use crate::settings::GkeAutopilot;
 use crate::yaml;
 
 #[derive(Debug, Parser)]
@@ -55,14 +56,6 @@ impl NativeSidecars {
             (Self::Auto, _) => inject::NativeSidecars::WhereKubeletsAllow,
         }
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum GkeAutopilot {
-    /// Detected at start from the cluster (`false` without a Kubernetes API).
-    Auto,
-    True,
-    False,
 }
 
 /// Flags shared by `serve` and `render`.

@@ -16,6 +16,7 @@ pub mod render;
 pub mod review;
 pub mod review_limits;
 pub mod server;
+pub mod settings;
 pub mod tls;
 pub mod workload;
 pub mod yaml;

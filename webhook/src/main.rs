@@ -7,13 +7,12 @@ use anyhow::{anyhow, Context};
 use clap::Parser;
 use wiproxy_common::logging::{self, LogFormat};
 use wiproxy_webhook::cluster::{Cluster, LiveCluster, StaticCluster};
-use wiproxy_webhook::config::{
-    Cli, Command, GkeAutopilot, Mode, NativeSidecars, RenderArgs, ServeArgs, ServingCertificate,
-};
+use wiproxy_webhook::config::{Cli, Command, Mode, NativeSidecars, RenderArgs, ServeArgs, ServingCertificate};
 use wiproxy_webhook::policy::{Policy, PolicySet};
 use wiproxy_webhook::policy_status::{self, Policies};
 use wiproxy_webhook::render;
 use wiproxy_webhook::server::{self, ServeConfig};
+use wiproxy_webhook::settings::GkeAutopilot;
 use wiproxy_webhook::tls::ReloadingCertificate;
 use wiproxy_webhook::{certs, cluster, yaml, Webhook};
 
@@ -39,7 +38,7 @@ fn main() -> ExitCode {
             return render_command(args);
         }
         Command::Crd => {
-            print!("{}", wiproxy_webhook::policy::crd_yaml());
+            print!("{}", wiproxy_webhook::yaml::crd_yaml());
             return ExitCode::SUCCESS;
         }
     };

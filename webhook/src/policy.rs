@@ -83,13 +83,6 @@ pub struct TokenProxyPolicyStatus {
     pub conditions: Vec<Condition>,
 }
 
-/// The CustomResourceDefinition, as `wiproxy-webhook crd` prints it and the chart ships it.
-pub fn crd_yaml() -> String {
-    use kube::CustomResourceExt;
-    // A CRD built from our own types always serializes.
-    serde_yaml::to_string(&TokenProxyPolicy::crd()).unwrap_or_default()
-}
-
 /// Why a policy cannot be used; the message names the policy field and the fix.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PolicyError {

@@ -12,8 +12,8 @@ use kube::Client;
 use serde_json::{json, Value};
 use tracing::{info, warn};
 
-use crate::cluster::live::MANAGER;
 use crate::policy::{Policy, PolicySet, TokenProxyPolicy};
+use crate::settings::MANAGER;
 
 /// The policies in force, replaced whole when they change.
 pub struct Policies(RwLock<Arc<PolicySet>>);

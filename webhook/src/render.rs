@@ -10,7 +10,7 @@ use crate::cluster::StaticCluster;
 use crate::inject::{inject, Inputs, Outcome, ServiceAccountChange, SidecarSettings};
 use crate::policy::{Policy, PolicySet};
 use crate::workload::{pod_value, TypeKey, WorkloadKind};
-use crate::yaml::{self, FileError};
+use crate::yaml::{self, to_yaml, FileError};
 
 /// What `render` works with besides the manifests.
 pub struct RenderOptions {
@@ -220,9 +220,4 @@ struct Mapping {
     namespace: String,
     name: String,
     gsa: String,
-}
-
-fn to_yaml(value: &Value) -> String {
-    // A JSON value always has a YAML form.
-    serde_yaml::to_string(value).unwrap_or_default()
 }

@@ -299,7 +299,7 @@ async fn validation_checks_every_workload_kind_like_injection_does() {
     let cases = ["deployment-plain", "statefulset", "daemonset", "replicaset", "job", "cronjob"];
     for case in cases {
         let text = std::fs::read_to_string(format!("tests/golden/{case}/input.yaml")).expect("golden input");
-        let object: Value = serde_yaml::from_str(&text).expect("YAML");
+        let object: Value = serde_saphyr::from_str(&text).expect("YAML");
         let kind = object["kind"].as_str().unwrap_or_default().to_owned();
 
         let allowed = post_to(&state, "/validate", workload_review(&object, "CREATE").to_string()).await;
@@ -308,7 +308,7 @@ async fn validation_checks_every_workload_kind_like_injection_does() {
 
         // The same workload with a plain-http upstream fails the apply with the webhook's message.
         let bad_text = text.replace("=https://", "=http://");
-        let bad: Value = serde_yaml::from_str(&bad_text).expect("YAML");
+        let bad: Value = serde_saphyr::from_str(&bad_text).expect("YAML");
         let denied = post_to(&state, "/validate", workload_review(&bad, "UPDATE").to_string()).await;
         assert_eq!(denied["response"]["allowed"], false, "{kind}: {denied}");
         let message = denied["response"]["status"]["message"].as_str().unwrap_or_default();
@@ -326,7 +326,7 @@ async fn validation_checks_every_workload_kind_like_injection_does() {
     let text = std::fs::read_to_string("tests/golden/deployment-plain/input.yaml").expect("golden input");
     let unlabelled =
         text.replace("wiproxy.io/inject: \"true\"", "wiproxy.io/inject: \"false\"").replace("=https://", "=http://");
-    let object: Value = serde_yaml::from_str(&unlabelled).expect("YAML");
+    let object: Value = serde_saphyr::from_str(&unlabelled).expect("YAML");
     let answer = post_to(&state, "/validate", workload_review(&object, "CREATE").to_string()).await;
     assert_eq!(answer["response"]["allowed"], true);
     let config_map = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}});
@@ -338,7 +338,7 @@ async fn validation_checks_every_workload_kind_like_injection_does() {
 async fn validation_denies_a_forbidden_service_account_at_apply_time() {
     let state = state();
     let text = std::fs::read_to_string("tests/golden/policy-denies-gsa/input.yaml").expect("golden input");
-    let object: Value = serde_yaml::from_str(&text).expect("YAML");
+    let object: Value = serde_saphyr::from_str(&text).expect("YAML");
     let answer = post_to(&state, "/validate", workload_review(&object, "CREATE").to_string()).await;
     assert_eq!(answer["response"]["allowed"], false);
     let expected = std::fs::read_to_string("tests/golden/policy-denies-gsa/stderr.txt").expect("golden denial");

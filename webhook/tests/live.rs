@@ -14,11 +14,11 @@ use support::api::{body_json, next, no_more_calls, reply, ApiHandle};
 use wiproxy_webhook::admission;
 use wiproxy_webhook::cluster::live::{autopilot, supports_native_sidecars, AUTOPILOT_WEBHOOKS};
 use wiproxy_webhook::cluster::{Cluster, LiveCluster};
-use wiproxy_webhook::config::GkeAutopilot;
 use wiproxy_webhook::inject::{NativeSidecars, SidecarSettings};
 use wiproxy_webhook::policy::{PolicySet, TokenProxyPolicy};
 use wiproxy_webhook::policy_status::{write_status, Policies};
 use wiproxy_webhook::review::Endpoint;
+use wiproxy_webhook::settings::GkeAutopilot;
 use wiproxy_webhook::{yaml, Webhook};
 
 /// The review's answer as JSON, and the decision.

@@ -14,7 +14,6 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
-use serde::Deserialize;
 use serde_json::Value;
 use wiproxy_tests::client::{https_get, Http};
 use wiproxy_tests::google::{wif_principal, wif_token_audience, WIF_PROVIDER};
@@ -69,10 +68,7 @@ async fn demo() -> anyhow::Result<()> {
         bail!("render failed: {}", String::from_utf8_lossy(&output.stderr));
     }
     let rendered = String::from_utf8(output.stdout)?;
-    let documents: Vec<Value> = serde_yaml::Deserializer::from_str(&rendered)
-        .map(Value::deserialize)
-        .collect::<Result<_, _>>()
-        .context("reading the rendered YAML")?;
+    let documents: Vec<Value> = serde_saphyr::from_multiple(&rendered).context("reading the rendered YAML")?;
     let account = documents.iter().find(|d| d["kind"] == "ServiceAccount").ok_or(anyhow!("no ServiceAccount"))?;
     println!(
         "  ServiceAccount {}: iam.gke.io/gcp-service-account={}",
@@ -205,10 +201,8 @@ async fn federation(world: &World) -> anyhow::Result<()> {
     if !output.status.success() {
         bail!("render failed: {}", String::from_utf8_lossy(&output.stderr));
     }
-    let documents: Vec<Value> = serde_yaml::Deserializer::from_str(&String::from_utf8(output.stdout)?)
-        .map(Value::deserialize)
-        .collect::<Result<_, _>>()
-        .context("reading the rendered YAML")?;
+    let documents: Vec<Value> =
+        serde_saphyr::from_multiple(&String::from_utf8(output.stdout)?).context("reading the rendered YAML")?;
     let deployment = documents.iter().find(|d| d["kind"] == "Deployment").ok_or(anyhow!("no Deployment"))?;
     let template = &deployment["spec"]["template"];
     let pod = &template["spec"];

@@ -23,10 +23,7 @@ use wiproxy_common::GKE_SERVICE_ACCOUNT_ANNOTATION;
 
 use super::index::{ClusterIndex, IndexedMeta};
 use super::{ClusterState, KsaLookup, NodeKubelet, NAMESPACE_NAME_LABEL};
-use crate::config::GkeAutopilot;
-
-/// Field manager of the webhook's writes.
-pub const MANAGER: &str = "wiproxy-webhook";
+use crate::settings::{GkeAutopilot, MANAGER};
 
 pub struct LiveCluster {
     client: Client,
