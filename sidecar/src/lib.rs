@@ -12,6 +12,7 @@ pub mod proxy;
 pub mod routes;
 pub mod source;
 pub mod token;
+pub mod upstream;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Limited};
-use hyper::body::{Body as _, Frame, Incoming, SizeHint};
+use hyper::body::{Body as _, Frame, SizeHint};
 use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tracing::{debug, info, warn};
@@ -23,6 +23,7 @@ use crate::http::Clients;
 use crate::metrics::{Metrics, UpstreamRequests};
 use crate::routes::{Destination, Route, Routes, Via};
 use crate::token::Token;
+use crate::upstream::ResponseBody;
 
 /// Bodies up to this size are kept so the request can be sent again after an upstream 401,
 /// while the shared [`RetryBuffer`] has room; larger ones stream through once.
@@ -422,7 +423,7 @@ impl Proxy {
             };
             let response = match answered {
                 Ok(response) => response,
-                Err(e) if replay && unprocessed < UNPROCESSED_RETRIES && never_processed(&e) => {
+                Err(e) if replay && unprocessed < UNPROCESSED_RETRIES && e.never_processed() => {
                     unprocessed += 1;
                     debug!(upstream = %route.name, error = %wiproxy_common::error_chain(&e), "the upstream did not process the request; sending it again");
                     continue;
@@ -459,23 +460,6 @@ impl Proxy {
     }
 }
 
-/// Whether the upstream never processed the request, so it may be sent again whatever its
-/// method: an HTTP/2 stream above the last-stream-id of a graceful GOAWAY (nginx's
-/// `keepalive_requests`, a server shutting down), or one reset with `REFUSED_STREAM`
-/// (RFC 9113 §8.7). A GOAWAY with an error code is not enough: it fails lower streams too.
-fn never_processed(error: &hyper_util::client::legacy::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(error);
-    while let Some(cause) = source {
-        if let Some(h2) = cause.downcast_ref::<h2::Error>() {
-            return h2.is_remote()
-                && ((h2.is_go_away() && h2.reason() == Some(h2::Reason::NO_ERROR))
-                    || (h2.is_reset() && h2.reason() == Some(h2::Reason::REFUSED_STREAM)));
-        }
-        source = cause.source();
-    }
-    false
-}
-
 /// Whether a 401 is Google's front end refusing the ID token, rather than the app's own 401.
 /// Cloud Run and Cloud Functions answer a token they cannot verify (bad signature, wrong audience,
 /// expired) with `WWW-Authenticate: Bearer error="invalid_token" error_description="The access
@@ -490,7 +474,7 @@ fn is_token_refusal(headers: &HeaderMap) -> bool {
     })
 }
 
-fn respond(response: Response<Incoming>) -> Response<Body> {
+fn respond(response: Response<ResponseBody>) -> Response<Body> {
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
     Response::from_parts(parts, ReadToEnd(Some(body)).boxed())
@@ -506,7 +490,7 @@ const DRAIN_TIME: Duration = Duration::from_secs(5);
 /// makes the h2 client reset it with CANCEL, and enough resets close the whole connection
 /// ("locally-reset streams reached limit"). A body dropped before its end is read on in the
 /// background, within `DRAIN_BYTES` and `DRAIN_TIME`; past those the reset is the right answer.
-struct ReadToEnd(Option<Incoming>);
+struct ReadToEnd(Option<ResponseBody>);
 
 impl hyper::body::Body for ReadToEnd {
     type Data = Bytes;
@@ -552,7 +536,7 @@ impl Drop for ReadToEnd {
 /// Joins the app's connection and the upstream's once both have switched protocols.
 fn switch_protocols(
     route: &Route,
-    mut response: Response<Incoming>,
+    mut response: Response<ResponseBody>,
     inbound: hyper::upgrade::OnUpgrade,
 ) -> Response<Body> {
     let outbound = hyper::upgrade::on(&mut response);
@@ -598,19 +582,8 @@ fn upstream_timeout(route: &Route, limit: Duration) -> Failure {
     )
 }
 
-fn upstream_error(route: &Route, error: &hyper_util::client::legacy::Error) -> Failure {
-    let timed_out = {
-        let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(error);
-        let mut found = false;
-        while let Some(cause) = source {
-            if cause.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut) {
-                found = true;
-            }
-            source = cause.source();
-        }
-        found
-    };
-    let status = if timed_out { StatusCode::GATEWAY_TIMEOUT } else { StatusCode::BAD_GATEWAY };
+fn upstream_error(route: &Route, error: &crate::upstream::Error) -> Failure {
+    let status = if error.timed_out() { StatusCode::GATEWAY_TIMEOUT } else { StatusCode::BAD_GATEWAY };
     let reason = wiproxy_common::error_chain(error);
     warn!(upstream = %route.name, status = status.as_u16(), error = %reason, "upstream unreachable");
     Failure::new(
