@@ -106,6 +106,174 @@ fn grpc_message(message: &str) -> String {
     out
 }
 
+/// A request body streamed to the upstream while what has gone is kept, up to a budget taken
+/// from the shared retry buffer, so that a request the upstream refused unprocessed (above a
+/// GOAWAY's last-stream-id, `REFUSED_STREAM`) can be sent again whatever its framing: chunked
+/// uploads, streamed bodies, gRPC calls. Each [`Tee::attempt`] gives a body that replays the
+/// kept frames, then reads on from the app's body; past the budget nothing more is kept and the
+/// request can no longer be sent again.
+pub struct Tee<B> {
+    shared: std::sync::Arc<std::sync::Mutex<Teed<B>>>,
+    declared: Option<u64>,
+}
+
+struct Teed<B> {
+    source: B,
+    kept: Vec<Bytes>,
+    trailers: Option<http::HeaderMap>,
+    ended: bool,
+    /// Past the budget: what was kept is let go and the body only streams.
+    overflowed: bool,
+    /// The memory kept, within the budget.
+    reserved: crate::proxy::Reserved,
+    budget: usize,
+    /// Only the latest attempt reads on from the app's body.
+    attempt: u64,
+}
+
+/// One attempt's body of a [`Tee`].
+pub struct TeeBody<B> {
+    shared: std::sync::Arc<std::sync::Mutex<Teed<B>>>,
+    attempt: u64,
+    /// The next kept frame to replay, the bytes given, whether the trailers went.
+    next: usize,
+    given: u64,
+    trailers_sent: bool,
+    declared: Option<u64>,
+}
+
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl<B> Tee<B>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    /// Keeps up to `budget` bytes of `source`, reserved from `reserved` as they come.
+    pub fn new(source: B, reserved: crate::proxy::Reserved, budget: usize) -> Self {
+        let declared = source.size_hint().exact();
+        let teed = Teed {
+            source,
+            kept: Vec::new(),
+            trailers: None,
+            ended: false,
+            overflowed: false,
+            reserved,
+            budget,
+            attempt: 0,
+        };
+        Self { shared: std::sync::Arc::new(std::sync::Mutex::new(teed)), declared }
+    }
+
+    /// Whether the whole body sent so far is kept, so the request can be sent again.
+    pub fn replayable(&self) -> bool {
+        !lock(&self.shared).overflowed
+    }
+
+    /// A body for the next attempt; the previous attempt's body stops.
+    pub fn attempt(&self) -> TeeBody<B> {
+        let mut teed = lock(&self.shared);
+        teed.attempt += 1;
+        TeeBody {
+            shared: self.shared.clone(),
+            attempt: teed.attempt,
+            next: 0,
+            given: 0,
+            trailers_sent: false,
+            declared: self.declared,
+        }
+    }
+}
+
+impl<B> hyper::body::Body for TeeBody<B>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        let mut teed = lock(&this.shared);
+        if teed.attempt != this.attempt {
+            return Poll::Ready(Some(Err("the request is being sent again on another connection".into())));
+        }
+        if !teed.overflowed {
+            if let Some(bytes) = teed.kept.get(this.next).cloned() {
+                this.next += 1;
+                this.given += bytes.len() as u64;
+                return Poll::Ready(Some(Ok(hyper::body::Frame::data(bytes))));
+            }
+        }
+        if teed.ended {
+            return match teed.trailers.clone().filter(|_| !this.trailers_sent) {
+                Some(trailers) => {
+                    this.trailers_sent = true;
+                    Poll::Ready(Some(Ok(hyper::body::Frame::trailers(trailers))))
+                }
+                None => Poll::Ready(None),
+            };
+        }
+        let teed = &mut *teed;
+        match std::pin::Pin::new(&mut teed.source).poll_frame(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(None) => {
+                teed.ended = true;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(Some(Ok(frame))) => {
+                let frame = match frame.into_data() {
+                    Ok(bytes) => {
+                        this.given += bytes.len() as u64;
+                        if !teed.overflowed {
+                            let kept: usize = teed.kept.iter().map(Bytes::len).sum();
+                            if kept + bytes.len() <= teed.budget && teed.reserved.grow(bytes.len()) {
+                                teed.kept.push(bytes.clone());
+                                this.next += 1;
+                            } else {
+                                teed.overflowed = true;
+                                teed.kept = Vec::new();
+                                teed.reserved.shrink_to_zero();
+                            }
+                        }
+                        return Poll::Ready(Some(Ok(hyper::body::Frame::data(bytes))));
+                    }
+                    Err(frame) => frame,
+                };
+                if let Some(trailers) = frame.trailers_ref() {
+                    teed.trailers = Some(trailers.clone());
+                    teed.ended = true;
+                    this.trailers_sent = true;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let teed = lock(&self.shared);
+        teed.attempt == self.attempt
+            && teed.ended
+            && (teed.overflowed || self.next >= teed.kept.len())
+            && (self.trailers_sent || teed.trailers.is_none())
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self.declared {
+            Some(declared) => hyper::body::SizeHint::with_exact(declared.saturating_sub(self.given)),
+            None => hyper::body::SizeHint::default(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
