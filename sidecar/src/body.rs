@@ -297,6 +297,74 @@ mod tests {
         assert_eq!(json.headers()[header::CONTENT_TYPE], "application/json");
     }
 
+    /// The app's body: `chunks`, then trailers.
+    struct Chunks(std::collections::VecDeque<hyper::body::Frame<Bytes>>);
+
+    impl hyper::body::Body for Chunks {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+            std::task::Poll::Ready(self.0.pop_front().map(Ok))
+        }
+    }
+
+    fn chunks(parts: &[&'static [u8]]) -> Chunks {
+        let mut frames: std::collections::VecDeque<_> =
+            parts.iter().map(|part| hyper::body::Frame::data(Bytes::from_static(part))).collect();
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+        frames.push_back(hyper::body::Frame::trailers(trailers));
+        Chunks(frames)
+    }
+
+    async fn read(body: impl hyper::body::Body<Data = Bytes, Error = BoxError>) -> (Vec<u8>, Option<http::HeaderMap>) {
+        let collected = body.collect().await.expect("body");
+        let trailers = collected.trailers().cloned();
+        (collected.to_bytes().to_vec(), trailers)
+    }
+
+    #[tokio::test]
+    async fn a_teed_body_is_sent_again_whole_from_wherever_the_first_try_stopped() {
+        let buffer = crate::proxy::RetryBuffer::new(1024);
+        let tee = Tee::new(chunks(&[b"abc", b"def", b"gh"]), buffer.reserve(0).expect("room"), 100);
+        // The first try reads two chunks, then its connection goes away.
+        let mut first = tee.attempt();
+        for _ in 0..2 {
+            first.frame().await.expect("frame").expect("data");
+        }
+        assert_eq!(buffer.available(), 1024 - 6, "what went is kept, within the shared buffer");
+        assert!(tee.replayable());
+        let (bytes, trailers) = read(tee.attempt()).await;
+        assert_eq!(bytes, b"abcdefgh");
+        assert_eq!(trailers.expect("trailers")["grpc-status"], "0");
+        assert!(first.frame().await.expect("an answer").is_err(), "a superseded try reads no more");
+        // A third try after the whole body went replays it all, trailers included.
+        let (bytes, trailers) = read(tee.attempt()).await;
+        assert_eq!(bytes, b"abcdefgh");
+        assert!(trailers.is_some());
+        drop((tee, first));
+        assert_eq!(buffer.available(), 1024, "given back once no try holds it");
+    }
+
+    #[tokio::test]
+    async fn past_the_budget_a_teed_body_streams_on_and_cannot_be_sent_again() {
+        let buffer = crate::proxy::RetryBuffer::new(1024);
+        let tee = Tee::new(chunks(&[b"abc", b"def", b"gh"]), buffer.reserve(0).expect("room"), 5);
+        let (bytes, _) = read(tee.attempt()).await;
+        assert_eq!(bytes, b"abcdefgh", "the one try gets the whole body");
+        assert!(!tee.replayable());
+        assert_eq!(buffer.available(), 1024, "nothing held once past the budget");
+        // The shared buffer bounds it too.
+        let small = crate::proxy::RetryBuffer::new(4);
+        let tee = Tee::new(chunks(&[b"abc", b"def"]), small.reserve(0).expect("room"), 100);
+        let _ = read(tee.attempt()).await;
+        assert!(!tee.replayable());
+    }
+
     #[test]
     fn grpc_content_types() {
         let with = |value: &'static str| {

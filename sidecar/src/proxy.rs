@@ -21,10 +21,10 @@ use crate::body::{empty, full, is_grpc, Body, BoxError, Failure, Tee};
 use crate::cache::{Audience, TokenCache};
 use crate::http::Clients;
 use crate::metrics::{Metrics, UpstreamLabels, UpstreamRequests};
-use prometheus_client::metrics::counter::Counter;
 use crate::routes::{Destination, Route, Routes, Via};
 use crate::token::Token;
 use crate::upstream::ResponseBody;
+use prometheus_client::metrics::counter::Counter;
 
 /// Bodies up to this size are kept so the request can be sent again after an upstream 401,
 /// while the shared [`RetryBuffer`] has room; larger ones stream through once.
@@ -207,9 +207,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         headers.remove(header::TE);
     }
     if others {
-        for name in
-            [header::TRANSFER_ENCODING, header::PROXY_AUTHORIZATION, header::PROXY_AUTHENTICATE]
-        {
+        for name in [header::TRANSFER_ENCODING, header::PROXY_AUTHORIZATION, header::PROXY_AUTHENTICATE] {
             headers.remove(name);
         }
         headers.remove("keep-alive");

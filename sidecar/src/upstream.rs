@@ -191,7 +191,13 @@ impl Client {
             let sent = match checkout {
                 Checkout::H2 { mut sender, id } => {
                     *request.version_mut() = http::Version::HTTP_2;
-                    match sender.try_send_request(request).await {
+                    let sending = sender.try_send_request(request);
+                    // No sender is held while the response is awaited: a request that lands
+                    // in hyper's queue just as the connection's task ends is handed back only
+                    // when the last sender is gone (tokio's channel drops what it holds then),
+                    // so holding one here would wait for it forever.
+                    drop(sender);
+                    match sending.await {
                         Ok(response) => return Ok(response.map(|inner| ResponseBody { inner, give_back: None })),
                         Err(mut e) => {
                             // A GOAWAY (graceful or not) or a closed connection: no new stream goes
@@ -260,8 +266,8 @@ impl Pool {
                 Look::ConnectOwn => {
                     return match self.connect(shared).await? {
                         Connected::Http1(sender) => Ok(Checkout::Http1(sender)),
-                        Connected::H2(sender) => {
-                            let id = self.install_h2(&mut lock(&self.state), sender.clone());
+                        Connected::H2(sender, connection) => {
+                            let id = self.install_h2(&mut lock(&self.state), sender.clone(), connection);
                             Ok(Checkout::H2 { sender, id })
                         }
                     };
@@ -320,8 +326,8 @@ impl Pool {
         let mut state = lock(&self.state);
         state.connecting = false;
         match connected {
-            Ok(Connected::H2(sender)) => {
-                self.install_h2(&mut state, sender);
+            Ok(Connected::H2(sender, connection)) => {
+                self.install_h2(&mut state, sender, connection);
                 drop(state);
             }
             Ok(Connected::Http1(sender)) => {
@@ -337,12 +343,26 @@ impl Pool {
         self.settled.send_replace(attempt);
     }
 
-    /// Makes `sender` the upstream's h2 connection, with a watcher that closes it when idle.
-    fn install_h2(self: &Arc<Self>, state: &mut State, sender: http2::SendRequest<Body>) -> u64 {
+    /// Makes `sender` the upstream's h2 connection, drives `connection`, and watches for it to
+    /// end or go idle.
+    fn install_h2(
+        self: &Arc<Self>,
+        state: &mut State,
+        sender: http2::SendRequest<Body>,
+        connection: H2Connection,
+    ) -> u64 {
         state.next_id += 1;
         let id = state.next_id;
         state.speaks_http1 = false;
         state.h2 = Some(H2 { sender, id, used: Instant::now() });
+        // hyper's task for the connection ends at a GOAWAY (its accepted streams go on in h2's
+        // own task) or a close: the pool lets go of its sender at once, so that, with no request
+        // holding one either, hyper hands back any request that reached its queue too late.
+        let pool = self.clone();
+        tokio::spawn(async move {
+            let _ = connection.await;
+            pool.retire_h2(id);
+        });
         let pool = self.clone();
         tokio::spawn(async move {
             let mut deadline = Instant::now() + IDLE_TIMEOUT;
@@ -402,11 +422,9 @@ impl Pool {
         let io: Io = connector.call(uri).await.map_err(|e| fail(e.as_ref()))?;
         if io.connected().is_negotiated_h2() {
             let (sender, connection) = shared.h2.handshake(io).await.map_err(|e| fail(&e))?;
-            tokio::spawn(connection);
-            Ok(Connected::H2(sender))
+            Ok(Connected::H2(sender, connection))
         } else {
-            let (sender, connection) =
-                http1::Builder::new().handshake::<_, Body>(io).await.map_err(|e| fail(&e))?;
+            let (sender, connection) = http1::Builder::new().handshake::<_, Body>(io).await.map_err(|e| fail(&e))?;
             tokio::spawn(connection.with_upgrades());
             Ok(Connected::Http1(sender))
         }
@@ -418,11 +436,17 @@ enum Look {
     /// The upstream speaks HTTP/1.1: this request makes its own connection.
     ConnectOwn,
     /// Wait for the attempt in flight, or for attempt `start`, which this request is to begin.
-    Wait { settled: watch::Receiver<u64>, waiting_for: u64, start: Option<u64> },
+    Wait {
+        settled: watch::Receiver<u64>,
+        waiting_for: u64,
+        start: Option<u64>,
+    },
 }
 
+type H2Connection = http2::Connection<Io, Body, TokioExecutor>;
+
 enum Connected {
-    H2(http2::SendRequest<Body>),
+    H2(http2::SendRequest<Body>, H2Connection),
     Http1(http1::SendRequest<Body>),
 }
 

@@ -167,6 +167,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("target")
     parser.add_argument("--requests", type=int, default=2000, help="requests in each h2load scenario")
+    parser.add_argument("--only", action="append", help="run only the scenario of this name (repeatable)")
     args = parser.parse_args()
     target = os.path.abspath(args.target)
     for tool in ["nginx", "nghttp", "h2load", "curl", "node"]:
@@ -223,7 +224,7 @@ def main():
             "WIPROXY_EXTRA_CA_FILE": os.path.join(work, "ca.pem"),
             "WIPROXY_LISTEN": f"127.0.0.1:{ports['proxy']}",
             "WIPROXY_ADMIN_LISTEN": f"127.0.0.1:{ports['admin']}",
-            "WIPROXY_LOG": "info",
+            "WIPROXY_LOG": os.environ.get("INTEROP_WIPROXY_LOG", "info"),
             "WIPROXY_LOG_FORMAT": "text",
         }
         log = start("wiproxy", [os.path.join(target, "wiproxy")], env=sidecar_env)
@@ -258,6 +259,8 @@ def main():
         results = []
         started = time.time()
         for name, client, upstream, command, expected in scenarios(args.requests):
+            if args.only and name not in args.only:
+                continue
             for key, value in fill.items():
                 command = [part.replace(f"{{{key}}}", value) for part in command]
             began = time.time()
