@@ -84,9 +84,12 @@ pub struct Settings {
     /// Longest wait of a request for a token that is on its way, in seconds.
     #[arg(long, global = true, env = "WIPROXY_TOKEN_WAIT", default_value_t = 15)]
     pub token_wait: u64,
-    /// Longest wait for an upstream's response headers, in seconds (0: no limit, as Cloud Run
-    /// and Cloud Functions enforce their own request timeouts). Past it the app gets 504.
-    #[arg(long, global = true, env = "WIPROXY_UPSTREAM_TIMEOUT", default_value_t = 0)]
+    /// Longest wait for an upstream's response headers, connection included, in seconds (0: no
+    /// limit). The default is Cloud Run's longest request timeout (60 minutes, as Cloud
+    /// Functions' 2nd gen), so no request those services would answer is cut, yet no request
+    /// waits forever. A response already answering (SSE, gRPC streaming) is never cut. Past it
+    /// the app gets 504.
+    #[arg(long, global = true, env = "WIPROXY_UPSTREAM_TIMEOUT", default_value_t = 3600)]
     pub upstream_timeout: u64,
     /// Longest time to connect to an upstream and finish its TLS handshake, in seconds; applies
     /// even when WIPROXY_UPSTREAM_TIMEOUT is 0. Past it the app gets 504.

@@ -1,4 +1,4 @@
-//! The outbound HTTP client: pooled, TLS with the web PKI roots plus optional extra roots, ALPN
+//! The outbound HTTP clients' connections (crate::upstream keeps them): TLS with the web PKI roots plus optional extra roots, ALPN
 //! h2/HTTP/1.1, and host pins (`WIPROXY_RESOLVE`) that change where a connection goes but not the
 //! name TLS verifies.
 
@@ -12,15 +12,15 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::Uri;
-use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
+use hyper_rustls::HttpsConnectorBuilder;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use tokio::net::TcpStream;
 
-use crate::body::{Body, BoxError};
+use crate::body::BoxError;
+use crate::upstream::Client;
 
 /// `HOST=IP[:PORT]` pins, as curl's `--resolve`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -154,14 +154,13 @@ where
     }
 }
 
-pub type HttpsClient = Client<TimedConnector<HttpsConnector<PinnedConnector>>, Body>;
-
-/// The pooled clients: one that negotiates h2 or HTTP/1.1, one that speaks HTTP/1.1 only (for
-/// upgrades such as WebSocket, which need an HTTP/1.1 connection end to end).
+/// The clients: one that negotiates h2 or HTTP/1.1, one that speaks HTTP/1.1 only (for
+/// upgrades such as WebSocket, which need an HTTP/1.1 connection end to end). Each keeps its
+/// own connections (crate::upstream).
 #[derive(Clone)]
 pub struct Clients {
-    pub any: HttpsClient,
-    pub http1: HttpsClient,
+    pub any: Client,
+    pub http1: Client,
 }
 
 impl Clients {
@@ -180,12 +179,7 @@ impl Clients {
             .wrap_connector(connector.clone());
         let http1 =
             HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http().enable_http1().wrap_connector(connector);
-        let build = |inner| {
-            Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(Duration::from_secs(90))
-                .pool_max_idle_per_host(64)
-                .build(TimedConnector { inner, limit: connect_timeout })
-        };
+        let build = |inner| Client::new(TimedConnector { inner, limit: connect_timeout });
         Self { any: build(any), http1: build(http1) }
     }
 }

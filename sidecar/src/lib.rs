@@ -13,6 +13,7 @@ pub mod proxy;
 pub mod routes;
 pub mod source;
 pub mod token;
+pub mod upstream;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -123,7 +124,14 @@ where
         let handler = handler.clone();
         service_fn(move |request| {
             let handler = handler.clone();
-            async move { Ok::<_, std::convert::Infallible>(handler(request).await) }
+            async move {
+                let response = handler(request).await;
+                if response.extensions().get::<crate::proxy::RefuseStream>().is_some() {
+                    // hyper resets the stream with the h2 reason it finds in the error.
+                    return Err(h2::Error::from(h2::Reason::REFUSED_STREAM));
+                }
+                Ok(response)
+            }
         })
     };
     wiproxy_common::serve::serve(listener, policy, shutdown, Duration::from_secs(10), open, service).await;

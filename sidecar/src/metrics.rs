@@ -16,6 +16,11 @@ pub struct RequestLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    pub upstream: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FetchLabels {
     pub audience: String,
     pub result: String,
@@ -34,6 +39,8 @@ pub struct Metrics {
     pub token_ttl: Family<AudienceLabels, Gauge>,
     pub cache_hits: Family<AudienceLabels, Counter>,
     pub cache_waits: Family<AudienceLabels, Counter>,
+    pub unprocessed_retries: Family<UpstreamLabels, Counter>,
+    pub unprocessed_refusals: Family<UpstreamLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -51,7 +58,29 @@ impl Default for Metrics {
         registry.register("token_cache_hits", "Requests served a cached token at once", cache_hits.clone());
         let cache_waits = Family::<AudienceLabels, Counter>::default();
         registry.register("token_cache_waits", "Requests that waited for a token", cache_waits.clone());
-        Self { registry, requests, fetches, fetch_seconds, token_ttl, cache_hits, cache_waits }
+        let unprocessed_retries = Family::<UpstreamLabels, Counter>::default();
+        registry.register(
+            "upstream_unprocessed_retries",
+            "Requests sent again because the upstream never processed them (GOAWAY, REFUSED_STREAM)",
+            unprocessed_retries.clone(),
+        );
+        let unprocessed_refusals = Family::<UpstreamLabels, Counter>::default();
+        registry.register(
+            "upstream_unprocessed_refusals",
+            "Requests the upstream never processed that could not be sent again (past the retry budget)",
+            unprocessed_refusals.clone(),
+        );
+        Self {
+            registry,
+            requests,
+            fetches,
+            fetch_seconds,
+            token_ttl,
+            cache_hits,
+            cache_waits,
+            unprocessed_retries,
+            unprocessed_refusals,
+        }
     }
 }
 

@@ -10,19 +10,21 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Limited};
-use hyper::body::{Body as _, Frame, Incoming, SizeHint};
+use hyper::body::{Body as _, Frame, SizeHint};
 use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tracing::{debug, info, warn};
 use wiproxy_common::serve::{BodyTimeout, RequestBody};
 use wiproxy_common::TokenHeader;
 
-use crate::body::{empty, full, is_grpc, Body, BoxError, Failure};
+use crate::body::{empty, full, is_grpc, Body, BoxError, Failure, Tee};
 use crate::cache::{Audience, TokenCache};
 use crate::http::Clients;
-use crate::metrics::{Metrics, UpstreamRequests};
+use crate::metrics::{Metrics, UpstreamLabels, UpstreamRequests};
 use crate::routes::{Destination, Route, Routes, Via};
 use crate::token::Token;
+use crate::upstream::ResponseBody;
+use prometheus_client::metrics::counter::Counter;
 
 /// Bodies up to this size are kept so the request can be sent again after an upstream 401,
 /// while the shared [`RetryBuffer`] has room; larger ones stream through once.
@@ -36,7 +38,7 @@ pub struct RetryBuffer {
 }
 
 /// Bytes taken from the [`RetryBuffer`], given back on drop.
-struct Reserved {
+pub struct Reserved {
     buffer: Arc<RetryBuffer>,
     bytes: usize,
 }
@@ -46,7 +48,7 @@ impl RetryBuffer {
         Arc::new(Self { left: std::sync::atomic::AtomicUsize::new(bytes) })
     }
 
-    fn reserve(self: &Arc<Self>, bytes: usize) -> Option<Reserved> {
+    pub fn reserve(self: &Arc<Self>, bytes: usize) -> Option<Reserved> {
         use std::sync::atomic::Ordering;
         self.left
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| left.checked_sub(bytes))
@@ -57,6 +59,23 @@ impl RetryBuffer {
     /// Bytes not kept by any request now.
     pub fn available(&self) -> usize {
         self.left.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+impl Reserved {
+    /// Takes `bytes` more, if the buffer has them.
+    pub fn grow(&mut self, bytes: usize) -> bool {
+        use std::sync::atomic::Ordering;
+        let taken = self.buffer.left.fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| left.checked_sub(bytes));
+        if taken.is_ok() {
+            self.bytes += bytes;
+        }
+        taken.is_ok()
+    }
+
+    /// Gives back all it holds.
+    pub fn shrink_to_zero(&mut self) {
+        self.buffer.left.fetch_add(std::mem::take(&mut self.bytes), std::sync::atomic::Ordering::AcqRel);
     }
 }
 
@@ -89,7 +108,17 @@ struct Served {
     /// `None` only if the cache was started without the route's audience.
     audience: Option<Audience>,
     requests: UpstreamRequests,
+    /// Requests the upstream never processed: sent again, or past the retry budget refused.
+    retries: Counter,
+    refusals: Counter,
 }
+
+/// Marks the answer to a request the upstream never processed and that could not be sent again
+/// (its body went past the retry budget): an h2c client gets `RST_STREAM(REFUSED_STREAM)`
+/// (crate::serve), which tells it the request may be sent again whatever its method (RFC 9113
+/// §8.7); an HTTP/1.1 client gets the 502.
+#[derive(Debug, Clone, Copy)]
+pub struct RefuseStream;
 
 impl Proxy {
     pub fn new(
@@ -103,9 +132,14 @@ impl Proxy {
     ) -> Self {
         let served = routes
             .iter()
-            .map(|route| Served {
-                audience: cache.audience(&route.audience),
-                requests: metrics.upstream_requests(&route.name),
+            .map(|route| {
+                let labels = UpstreamLabels { upstream: route.name.clone() };
+                Served {
+                    audience: cache.audience(&route.audience),
+                    requests: metrics.upstream_requests(&route.name),
+                    retries: metrics.unprocessed_retries.get_or_create(&labels).clone(),
+                    refusals: metrics.unprocessed_refusals.get_or_create(&labels).clone(),
+                }
             })
             .collect();
         let unrouted = metrics.upstream_requests("-");
@@ -124,7 +158,8 @@ impl Proxy {
 }
 
 /// Connection-level headers that are never forwarded (RFC 9110 §7.6.1), plus any the
-/// `Connection` header names. Upgrade requests keep `Connection`/`Upgrade` (`keep_upgrade`).
+/// `Connection` header names. `Trailer` is end-to-end (RFC 9110 §6.6.2) and kept: hyper writes to
+/// an HTTP/1.1 client only the trailer fields it declares. Upgrade requests keep `Connection`/`Upgrade` (`keep_upgrade`).
 /// `TE: trailers` is kept: gRPC servers refuse a call without it, and it is the one `TE` value
 /// HTTP/2 allows.
 fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
@@ -135,8 +170,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         match name.as_str() {
             "connection" => connection = true,
             "te" => te = true,
-            "trailer"
-            | "transfer-encoding"
+            "transfer-encoding"
             | "proxy-authorization"
             | "proxy-authenticate"
             | "keep-alive"
@@ -173,9 +207,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         headers.remove(header::TE);
     }
     if others {
-        for name in
-            [header::TRAILER, header::TRANSFER_ENCODING, header::PROXY_AUTHORIZATION, header::PROXY_AUTHENTICATE]
-        {
+        for name in [header::TRANSFER_ENCODING, header::PROXY_AUTHORIZATION, header::PROXY_AUTHENTICATE] {
             headers.remove(name);
         }
         headers.remove("keep-alive");
@@ -235,7 +267,40 @@ fn set_token(headers: &mut HeaderMap, mode: TokenHeader, token: &Token) -> Resul
 enum OutBody {
     /// The body, its trailers, and its share of the retry buffer.
     Replayable(Bytes, Option<HeaderMap>, Option<Arc<Reserved>>),
+    /// Streamed, with what has gone kept up to [`REPLAYABLE_BODY`] (crate::body::Tee).
+    Teed(Tee<StallNoted>),
     Streaming(RequestBody),
+}
+
+/// The app's body, noting in `stalled` when it stopped arriving (WIPROXY_BODY_TIMEOUT): the
+/// upstream's error may not carry the body's cause (an h2 stream is reset), so a stall is noted
+/// here to answer 408 rather than 502.
+struct StallNoted {
+    body: RequestBody,
+    stalled: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl hyper::body::Body for StallNoted {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        if let Poll::Ready(Some(Err(e))) = &polled {
+            if BodyTimeout::is_cause_of(e.as_ref()) {
+                self.stalled.store(true, std::sync::atomic::Ordering::Release);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// How many times a request the upstream never processed (streams above a GOAWAY's
@@ -327,6 +392,7 @@ impl Proxy {
         let route = self.routes.get(index);
         let audience = self.served[index].audience.as_ref();
         let upgrade = is_upgrade(&request);
+        let inbound_h2 = request.version() == Version::HTTP_2;
         let inbound_upgrade = upgrade.then(|| hyper::upgrade::on(&mut request));
         let mut token = self.token_for(index).await?;
         let (mut parts, body) = request.into_parts();
@@ -337,6 +403,7 @@ impl Proxy {
 
         // No body at all (most GETs) is replayable as it is, with nothing to read or reserve.
         // Another is kept for a retry when small, declared, and the shared buffer has room.
+        let body_stalled = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let reserved = || {
             body.size_hint()
                 .upper()
@@ -359,12 +426,14 @@ impl Proxy {
                     ))
                 }
             }
+        } else if let Some(reserved) = self.retry_buffer.reserve(0) {
+            let noted = StallNoted { body, stalled: body_stalled.clone() };
+            OutBody::Teed(Tee::new(noted, reserved, REPLAYABLE_BODY as usize))
         } else {
             OutBody::Streaming(body)
         };
 
         let client = if upgrade { &self.clients.http1 } else { &self.clients.any };
-        let body_stalled = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut refused_once = false;
         let mut unprocessed = 0;
         loop {
@@ -383,6 +452,11 @@ impl Proxy {
                         None => full(bytes),
                     };
                     (out, true)
+                }
+                OutBody::Teed(tee) => {
+                    let out = tee.attempt().boxed();
+                    body = OutBody::Teed(tee);
+                    (out, false)
                 }
                 OutBody::Streaming(incoming) => {
                     // The upstream's error may not carry the body's cause (an h2 stream is
@@ -413,13 +487,30 @@ impl Proxy {
             };
             let response = match answered {
                 Ok(response) => response,
-                Err(e) if replay && unprocessed < UNPROCESSED_RETRIES && never_processed(&e) => {
+                Err(e)
+                    if unprocessed < UNPROCESSED_RETRIES
+                        && e.never_processed()
+                        && match &body {
+                            OutBody::Replayable(..) => true,
+                            OutBody::Teed(tee) => tee.replayable(),
+                            OutBody::Streaming(_) => false,
+                        } =>
+                {
                     unprocessed += 1;
+                    self.served[index].retries.inc();
                     debug!(upstream = %route.name, error = %wiproxy_common::error_chain(&e), "the upstream did not process the request; sending it again");
                     continue;
                 }
                 Err(e) if BodyTimeout::is_cause_of(&e) || body_stalled.load(std::sync::atomic::Ordering::Acquire) => {
                     return Err(body_timeout(route, &e))
+                }
+                Err(e) if e.never_processed() => {
+                    self.served[index].refusals.inc();
+                    let mut response = upstream_error(route, &e).into_response(is_grpc(&parts.headers));
+                    if inbound_h2 {
+                        response.extensions_mut().insert(RefuseStream);
+                    }
+                    return Ok(response);
                 }
                 Err(e) => return Err(upstream_error(route, &e)),
             };
@@ -450,23 +541,6 @@ impl Proxy {
     }
 }
 
-/// Whether the upstream never processed the request, so it may be sent again whatever its
-/// method: an HTTP/2 stream above the last-stream-id of a graceful GOAWAY (nginx's
-/// `keepalive_requests`, a server shutting down), or one reset with `REFUSED_STREAM`
-/// (RFC 9113 §8.7). A GOAWAY with an error code is not enough: it fails lower streams too.
-fn never_processed(error: &hyper_util::client::legacy::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(error);
-    while let Some(cause) = source {
-        if let Some(h2) = cause.downcast_ref::<h2::Error>() {
-            return h2.is_remote()
-                && ((h2.is_go_away() && h2.reason() == Some(h2::Reason::NO_ERROR))
-                    || (h2.is_reset() && h2.reason() == Some(h2::Reason::REFUSED_STREAM)));
-        }
-        source = cause.source();
-    }
-    false
-}
-
 /// Whether a 401 is Google's front end refusing the ID token, rather than the app's own 401.
 /// Cloud Run and Cloud Functions answer a token they cannot verify (bad signature, wrong audience,
 /// expired) with `WWW-Authenticate: Bearer error="invalid_token" error_description="The access
@@ -481,7 +555,7 @@ fn is_token_refusal(headers: &HeaderMap) -> bool {
     })
 }
 
-fn respond(response: Response<Incoming>) -> Response<Body> {
+fn respond(response: Response<ResponseBody>) -> Response<Body> {
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers, false);
     Response::from_parts(parts, ReadToEnd(Some(body)).boxed())
@@ -497,7 +571,7 @@ const DRAIN_TIME: Duration = Duration::from_secs(5);
 /// makes the h2 client reset it with CANCEL, and enough resets close the whole connection
 /// ("locally-reset streams reached limit"). A body dropped before its end is read on in the
 /// background, within `DRAIN_BYTES` and `DRAIN_TIME`; past those the reset is the right answer.
-struct ReadToEnd(Option<Incoming>);
+struct ReadToEnd(Option<ResponseBody>);
 
 impl hyper::body::Body for ReadToEnd {
     type Data = Bytes;
@@ -543,7 +617,7 @@ impl Drop for ReadToEnd {
 /// Joins the app's connection and the upstream's once both have switched protocols.
 fn switch_protocols(
     route: &Route,
-    mut response: Response<Incoming>,
+    mut response: Response<ResponseBody>,
     inbound: hyper::upgrade::OnUpgrade,
 ) -> Response<Body> {
     let outbound = hyper::upgrade::on(&mut response);
@@ -589,19 +663,8 @@ fn upstream_timeout(route: &Route, limit: Duration) -> Failure {
     )
 }
 
-fn upstream_error(route: &Route, error: &hyper_util::client::legacy::Error) -> Failure {
-    let timed_out = {
-        let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(error);
-        let mut found = false;
-        while let Some(cause) = source {
-            if cause.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut) {
-                found = true;
-            }
-            source = cause.source();
-        }
-        found
-    };
-    let status = if timed_out { StatusCode::GATEWAY_TIMEOUT } else { StatusCode::BAD_GATEWAY };
+fn upstream_error(route: &Route, error: &crate::upstream::Error) -> Failure {
+    let status = if error.timed_out() { StatusCode::GATEWAY_TIMEOUT } else { StatusCode::BAD_GATEWAY };
     let reason = wiproxy_common::error_chain(error);
     warn!(upstream = %route.name, status = status.as_u16(), error = %reason, "upstream unreachable");
     Failure::new(
@@ -626,6 +689,16 @@ mod tests {
         strip_hop_by_hop(&mut headers, false);
         let names: Vec<_> = headers.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["x-kept"]);
+    }
+
+    #[test]
+    fn trailer_is_end_to_end() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::TRAILER, HeaderValue::from_static("x-checksum"));
+        headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        strip_hop_by_hop(&mut headers, false);
+        assert_eq!(headers.len(), 1, "{headers:?}");
+        assert_eq!(headers[header::TRAILER], "x-checksum");
     }
 
     #[test]

@@ -19,7 +19,8 @@ import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PYTHON = sys.executable
-HOSTS = ["hypercorn.interop.test", "nginx.interop.test", "grpc.interop.test", "ws.interop.test"]
+HOSTS = ["hypercorn.interop.test", "nginx.interop.test", "grpc.interop.test", "ws.interop.test", "idle.interop.test",
+         "scripted.interop.test"]
 TIMEOUT = 180  # seconds, for any one scenario
 
 NODE_FETCH = """
@@ -56,6 +57,19 @@ def scenarios(n):
         ("h2load HTTP/1.1", "h2load --h1 -c 10", "hypercorn h2",
          ["h2load", "--h1", "-n", str(n), "-c", "10", "{hc}/echo"], rf"status codes: {n} 2xx"),
         ("no RST_STREAM", "curl", "hypercorn h2", ["curl", "-sS", "{hc}/_stats"], r'"rst_stream_received": 0\b'),
+        # The upstream connection layer (docs/sidecar.md, "Upstream connections"): one TLS
+        # connection per GOAWAY, not a handshake storm, and no request lost or left unanswered.
+        ("GOAWAY x50", "h2load -c 10 -m 10", "nginx h2, keepalive_requests 100",
+         [PYTHON, "clients.py", "h2load-goaway", "50", str(n)], r"^ok"),
+        ("GOAWAY x500", "h2load -c 10 -m 10", "nginx h2, keepalive_requests 100",
+         [PYTHON, "clients.py", "h2load-goaway", "500", "200"], r"^ok"),
+        ("idle burst", "h2load -c 10 -m 10", "nginx h2, keepalive_timeout 1s",
+         [PYTHON, "clients.py", "idle-burst"], r"^ok"),
+        ("chunked POSTs", "Python requests", "nginx h2, keepalive_requests 100",
+         [PYTHON, "clients.py", "chunked-posts", "1000"], r"^ok"),
+        ("grpc max age", "grpcio", "grpcio TLS, max age 200 ms", [PYTHON, "clients.py", "grpc-many", "10000"], r"^ok"),
+        ("GOAWAY refused", "requests, grpcio", "scripted h2 (h2 library)", [PYTHON, "clients.py", "scripted-goaway"], r"^ok"),
+        ("trailers HTTP/1.1", "raw HTTP/1.1", "scripted h2 (h2 library)", [PYTHON, "clients.py", "trailers-h1"], r"^ok"),
     ]
 
 
@@ -86,7 +100,9 @@ pid {work}/nginx.pid;
 error_log {work}/nginx-error.log warn;
 events {{ worker_connections 1024; }}
 http {{
-  access_log off;
+  # The connection's serial number (nginx numbers every connection it opens or accepts) and its
+  # count of requests: the suite counts the sidecar's TLS connections with them.
+  log_format conns '$connection $connection_requests $status $request_method';
   client_body_temp_path {work}/nginx; proxy_temp_path {work}/nginx; fastcgi_temp_path {work}/nginx;
   uwsgi_temp_path {work}/nginx; scgi_temp_path {work}/nginx;
   proxy_cache_path {work}/nginx-auth keys_zone=auth:1m;
@@ -94,10 +110,16 @@ http {{
     listen 127.0.0.1:{port} ssl http2;
     ssl_certificate {work}/upstream.crt;
     ssl_certificate_key {work}/upstream.key;
+    access_log {work}/nginx-access.log conns;
     # Every 100 requests on a connection, a GOAWAY: the sidecar must send the rest again.
     keepalive_requests 100;
     root {work}/www;
     location / {{ auth_request /_verify; try_files $uri =404; }}
+    # A body read whole by the upstream, which verifies the token itself and counts the bytes.
+    location = /upload {{
+      proxy_pass http://127.0.0.1:{verify}/_upload;
+      proxy_set_header X-Audience https://nginx.interop.test;
+    }}
     # The token is verified by the hypercorn process (signature, audience, expiry), its verdict
     # cached for a few seconds per token.
     location = /_verify {{
@@ -109,6 +131,32 @@ http {{
       proxy_cache auth;
       proxy_cache_key $http_authorization;
       proxy_cache_valid 200 5s;
+      # One check per token at a time, not one per waiting request (each opens a connection
+      # nginx numbers, which would blur the suite's counts of the sidecar's connections).
+      proxy_cache_lock on;
+      proxy_cache_use_stale updating;
+    }}
+  }}
+  # The same, closing a connection idle for 1 s.
+  server {{
+    listen 127.0.0.1:{idle} ssl http2;
+    ssl_certificate {work}/upstream.crt;
+    ssl_certificate_key {work}/upstream.key;
+    access_log {work}/idle-access.log conns;
+    keepalive_timeout 1s;
+    root {work}/www;
+    location / {{ auth_request /_verify; try_files $uri =404; }}
+    location = /_verify {{
+      internal;
+      proxy_pass http://127.0.0.1:{verify}/_verify;
+      proxy_pass_request_body off;
+      proxy_set_header Content-Length "";
+      proxy_set_header X-Audience https://idle.interop.test;
+      proxy_cache auth;
+      proxy_cache_key $http_authorization;
+      proxy_cache_valid 200 60s;
+      proxy_cache_lock on;
+      proxy_cache_use_stale updating;
     }}
   }}
 }}
@@ -119,6 +167,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("target")
     parser.add_argument("--requests", type=int, default=2000, help="requests in each h2load scenario")
+    parser.add_argument("--only", action="append", help="run only the scenario of this name (repeatable)")
     args = parser.parse_args()
     target = os.path.abspath(args.target)
     for tool in ["nginx", "nghttp", "h2load", "curl", "node"]:
@@ -137,13 +186,16 @@ def main():
         wait_for("wiproxy-fakes", lambda: os.path.exists(os.path.join(work, "env")), log)
         fakes = dict(line.split("=", 1) for line in open(os.path.join(work, "env")).read().split())
 
-        ports = {name: free_port() for name in ["hc", "verify", "nginx", "grpc", "ws", "proxy", "admin", "grpc_listen"]}
+        ports = {name: free_port() for name in ["hc", "verify", "nginx", "grpc", "ws", "proxy", "admin", "grpc_listen", "idle",
+                                                 "scripted", "scripted_listen"]}
         log = start("hypercorn", [PYTHON, "upstreams.py", "hypercorn", work, str(ports["hc"]), str(ports["verify"]), "https://hypercorn.interop.test"])
         wait_for("hypercorn", lambda: listening(ports["hc"]) and listening(ports["verify"]), log)
         log = start("grpc", [PYTHON, "upstreams.py", "grpc", work, str(ports["grpc"]), "https://grpc.interop.test"])
         wait_for("the grpc server", lambda: listening(ports["grpc"]), log)
         log = start("websockets", [PYTHON, "upstreams.py", "websockets", work, str(ports["ws"]), "https://ws.interop.test"])
         wait_for("the websockets server", lambda: listening(ports["ws"]), log)
+        log = start("scripted", [PYTHON, "upstreams.py", "scripted", work, str(ports["scripted"]), "https://scripted.interop.test"])
+        wait_for("the scripted h2 server", lambda: listening(ports["scripted"]), log)
         os.makedirs(os.path.join(work, "www"))
         os.makedirs(os.path.join(work, "nginx"))
         with open(os.path.join(work, "www", "ok.txt"), "w") as f:
@@ -151,7 +203,7 @@ def main():
         with open(os.path.join(work, "nginx.conf"), "w") as f:
             # Run by root (as CI does), nginx's workers would drop to "nobody", who cannot read the work dir.
             user = "user root;" if os.geteuid() == 0 else ""
-            f.write(NGINX_CONF.format(user=user, work=work, port=ports["nginx"], verify=ports["verify"]))
+            f.write(NGINX_CONF.format(user=user, work=work, port=ports["nginx"], verify=ports["verify"], idle=ports["idle"]))
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
         subprocess.run([nginx, "-c", os.path.join(work, "nginx.conf"), "-e", os.path.join(work, "nginx-error.log")], check=True)
 
@@ -160,8 +212,11 @@ def main():
             "nginx=https://nginx.interop.test",
             f"grpc=https://grpc.interop.test;listen={ports['grpc_listen']}",
             "ws=https://ws.interop.test",
+            "idle=https://idle.interop.test",
+            f"scripted=https://scripted.interop.test;listen={ports['scripted_listen']}",
         ])
-        resolve = ",".join(f"{host}=127.0.0.1:{ports[key]}" for host, key in zip(HOSTS, ["hc", "nginx", "grpc", "ws"]))
+        keys = ["hc", "nginx", "grpc", "ws", "idle", "scripted"]
+        resolve = ",".join(f"{host}=127.0.0.1:{ports[key]}" for host, key in zip(HOSTS, keys))
         sidecar_env = {
             **fakes,
             "WIPROXY_UPSTREAMS": upstreams,
@@ -169,7 +224,7 @@ def main():
             "WIPROXY_EXTRA_CA_FILE": os.path.join(work, "ca.pem"),
             "WIPROXY_LISTEN": f"127.0.0.1:{ports['proxy']}",
             "WIPROXY_ADMIN_LISTEN": f"127.0.0.1:{ports['admin']}",
-            "WIPROXY_LOG": "info",
+            "WIPROXY_LOG": os.environ.get("INTEROP_WIPROXY_LOG", "info"),
             "WIPROXY_LOG_FORMAT": "text",
         }
         log = start("wiproxy", [os.path.join(target, "wiproxy")], env=sidecar_env)
@@ -189,8 +244,12 @@ def main():
             "HOME": work,
             "EXPECTED_EMAIL": fakes["WIPROXY_EXPECTED_SERVICE_ACCOUNT"],
             "WIPROXY_URL": proxy,
-            **{f"WIPROXY_{name.upper()}_URL": f"{proxy}/{name}" for name in ["hc", "nginx", "grpc", "ws"]},
+            **{f"WIPROXY_{name.upper()}_URL": f"{proxy}/{name}" for name in ["hc", "nginx", "grpc", "ws", "idle", "scripted"]},
             "WIPROXY_GRPC_ADDR": f"127.0.0.1:{ports['grpc_listen']}",
+            "WIPROXY_SCRIPTED_ADDR": f"127.0.0.1:{ports['scripted_listen']}",
+            # Not the app's: where nginx logs each request's connection, for the suite's counts.
+            "INTEROP_NGINX_LOG": os.path.join(work, "nginx-access.log"),
+            "INTEROP_IDLE_LOG": os.path.join(work, "idle-access.log"),
         }
         upload = os.path.join(work, "upload.bin")
         with open(upload, "wb") as f:
@@ -200,6 +259,8 @@ def main():
         results = []
         started = time.time()
         for name, client, upstream, command, expected in scenarios(args.requests):
+            if args.only and name not in args.only:
+                continue
             for key, value in fill.items():
                 command = [part.replace(f"{{{key}}}", value) for part in command]
             began = time.time()
@@ -224,7 +285,7 @@ def main():
         print(f"interop: {len(results) - failed} passed, {failed} failed")
         if failed:
             print(f"logs in {work}")
-            for name in ["wiproxy", "hypercorn", "grpc", "websockets", "nginx-error"]:
+            for name in ["wiproxy", "hypercorn", "grpc", "websockets", "scripted", "nginx-error"]:
                 path = os.path.join(work, f"{name}.log")
                 if os.path.exists(path):
                     print(f"--- {name}.log (tail)\n{open(path).read()[-2000:]}")

@@ -6,6 +6,7 @@ before it answers:
                                                              /_verify on plain VERIFY_PORT for nginx's auth_request
   upstreams.py grpc DIR PORT AUDIENCE                        a grpcio server
   upstreams.py websockets DIR PORT AUDIENCE                  a websockets server (echo)
+  upstreams.py scripted DIR PORT AUDIENCE                    an h2 server that refuses each request's first try
 
 DIR is what `wiproxy-fakes` wrote: upstream.crt, upstream.key, jwks.json.
 """
@@ -116,6 +117,8 @@ def hypercorn_app(verifier, tls_port):
             # nginx's auth_request: the audience is nginx's, sent by nginx.
             try:
                 verifier.check(headers.get("authorization"), headers.get("x-audience"))
+                if path == "/_upload":
+                    return await answer(200, {"body_bytes": len(body)})
                 return await answer(200, b"")
             except ValueError as error:
                 return await answer(401, {"error": str(error)})
@@ -191,7 +194,10 @@ def run_grpc(directory, port, audience):
         "Bidi": grpc.stream_stream_rpc_method_handler(checked(bidi)),
         "Fail": grpc.unary_unary_rpc_method_handler(checked(fail)),
     })
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), handlers=[handlers])
+    # Connections live 200 ms, then a GOAWAY (grpc-go's MaxConnectionAge, as Cloud Run's and
+    # many gRPC servers' settings do): calls must survive it through the sidecar.
+    options = [("grpc.max_connection_age_ms", 200), ("grpc.max_connection_age_grace_ms", 10_000)]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), handlers=[handlers], options=options)
     with open(os.path.join(directory, "upstream.key"), "rb") as key, open(os.path.join(directory, "upstream.crt"), "rb") as cert:
         credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
     server.add_secure_port(f"127.0.0.1:{port}", credentials)
@@ -226,6 +232,107 @@ def run_websockets(directory, port, audience):
     asyncio.run(main())
 
 
+# ---- scripted: an h2 server (the h2 library) that refuses each request's first try ----
+
+def run_scripted(directory, port, audience):
+    """Answers a GOAWAY whose last-stream-id is below the stream of the first request carrying
+    each `x-request-id`, so the upstream never processes it (RFC 9113 §6.8): the sidecar must
+    send it again on a new connection, whatever its body's framing. The second try is answered
+    with what arrived: the body's length and SHA-256 (JSON, or a gRPC message and trailers).
+    `x-refuse-after: BYTES` refuses it only once that much of its body has arrived, every try.
+    `/trailers` answers with a declared trailer field."""
+    import hashlib
+
+    import h2.config
+    import h2.connection
+    import h2.events
+    import h2.exceptions
+
+    verifier = Verifier(directory, audience)
+    tries = {}
+
+    def respond(connection, stream_id, request):
+        headers, body = request["headers"], bytes(request["body"])
+        try:
+            verifier.check(headers.get("authorization"))
+        except ValueError as error:
+            connection.send_headers(stream_id, [(":status", "401")])
+            connection.send_data(stream_id, str(error).encode(), end_stream=True)
+            return
+        if headers.get(":path") == "/trailers":
+            connection.send_headers(stream_id, [(":status", "200"), ("content-type", "text/plain"), ("trailer", "x-checksum")])
+            connection.send_data(stream_id, b"trailers follow\n")
+            connection.send_headers(stream_id, [("x-checksum", "c0ffee")], end_stream=True)
+            return
+        grpc = headers.get("content-type", "").startswith("application/grpc")
+        if grpc:
+            body = body[5:]  # one message: its compression flag and length, then the message
+        answer = f"tries={request['tries']} bytes={len(body)} sha256={hashlib.sha256(body).hexdigest()}"
+        if grpc:
+            message = answer.encode()
+            connection.send_headers(stream_id, [(":status", "200"), ("content-type", "application/grpc")])
+            connection.send_data(stream_id, b"\0" + len(message).to_bytes(4, "big") + message)
+            connection.send_headers(stream_id, [("grpc-status", "0")], end_stream=True)
+        else:
+            data = json.dumps({"answer": answer}).encode()
+            connection.send_headers(stream_id, [(":status", "200"), ("content-type", "application/json"),
+                                                ("content-length", str(len(data)))])
+            connection.send_data(stream_id, data, end_stream=True)
+
+    async def serve_connection(reader, writer):
+        config = h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
+        connection = h2.connection.H2Connection(config=config)
+        connection.initiate_connection()
+        writer.write(connection.data_to_send())
+        requests, refused = {}, False
+        try:
+            while data := await reader.read(65536):
+                try:
+                    events = connection.receive_data(data)
+                except h2.exceptions.ProtocolError:
+                    break
+                for event in events:
+                    if refused:
+                        continue
+                    if isinstance(event, h2.events.RequestReceived):
+                        headers = dict(event.headers)
+                        key = headers.get("x-request-id")
+                        tries[key] = tries.get(key, 0) + 1
+                        refuse_after = int(headers.get("x-refuse-after", "0"))
+                        if key and tries[key] == 1 and not refuse_after:
+                            # Graceful, and below this stream: it was never processed.
+                            connection.close_connection(error_code=0, last_stream_id=max(event.stream_id - 2, 0))
+                            refused = True
+                            continue
+                        requests[event.stream_id] = {"headers": headers, "body": bytearray(), "tries": tries[key],
+                                                     "refuse_after": refuse_after}
+                    elif isinstance(event, h2.events.DataReceived):
+                        connection.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                        request = requests.get(event.stream_id)
+                        if request is not None:
+                            request["body"] += event.data
+                            # `x-refuse-after: BYTES`: refused only once that much of the body came.
+                            if request["refuse_after"] and len(request["body"]) >= request["refuse_after"]:
+                                connection.close_connection(error_code=0, last_stream_id=max(event.stream_id - 2, 0))
+                                refused = True
+                    elif isinstance(event, h2.events.StreamEnded) and event.stream_id in requests:
+                        respond(connection, event.stream_id, requests.pop(event.stream_id))
+                writer.write(connection.data_to_send())
+                await writer.drain()
+        except (ConnectionError, h2.exceptions.H2Error):
+            pass
+        finally:
+            writer.close()
+
+    async def main():
+        server = await asyncio.start_server(serve_connection, "127.0.0.1", int(port), ssl=tls_context(directory, ["h2"]))
+        ready("scripted")
+        async with server:
+            await server.serve_forever()
+
+    asyncio.run(main())
+
+
 if __name__ == "__main__":
     kind, *args = sys.argv[1:]
-    {"hypercorn": run_hypercorn, "grpc": run_grpc, "websockets": run_websockets}[kind](*args)
+    {"hypercorn": run_hypercorn, "grpc": run_grpc, "websockets": run_websockets, "scripted": run_scripted}[kind](*args)
