@@ -440,7 +440,7 @@ async fn objects_past_the_review_limits_are_denied_while_scanned_before_any_type
 
     // A workload padded with empty arrays where no one looks.
     let text = std::fs::read_to_string("tests/golden/deployment-plain/input.yaml").expect("golden input");
-    let mut deployment: Value = serde_yaml::from_str(&text).expect("YAML");
+    let mut deployment: Value = serde_saphyr::from_str(&text).expect("YAML");
     deployment["spec"]["x-padding"] = repeated("[]", 1_000_000);
     let answer = post_to(&state, "/validate", workload_review(&deployment, "CREATE").to_string()).await;
     assert_eq!(answer["response"]["allowed"], false);
