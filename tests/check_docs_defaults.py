@@ -82,8 +82,13 @@ def flag_defaults() -> dict[str, str]:
             if not value or "hide_default_value" in attributes:
                 continue
             text = value.group(1)
+            constant = text.rsplit("::", 1)[-1]
             if text.startswith('"'):
                 text = text[1:-1]
+            elif re.fullmatch(r"[A-Z][A-Z0-9_]*", constant):
+                # A named constant of the same crate: a string's literal, or a number's value.
+                literal = re.search(rf'\bconst {constant}: &(?:\'static )?str = "([^"]*)";', source)
+                text = literal.group(1) if literal else str(constant_value(source, constant, crate))
             elif "::" in text:
                 if text.endswith(")"):
                     continue
