@@ -125,7 +125,7 @@ struct Teed<B> {
     /// Past the budget: what was kept is let go and the body only streams.
     overflowed: bool,
     /// The memory kept, within the budget.
-    reserved: crate::proxy::Reserved,
+    reserved: crate::retry_buffer::Reserved,
     budget: usize,
     /// Only the latest attempt reads on from the app's body.
     attempt: u64,
@@ -152,7 +152,7 @@ where
     B::Error: Into<BoxError>,
 {
     /// Keeps up to `budget` bytes of `source`, reserved from `reserved` as they come.
-    pub fn new(source: B, reserved: crate::proxy::Reserved, budget: usize) -> Self {
+    pub fn new(source: B, reserved: crate::retry_buffer::Reserved, budget: usize) -> Self {
         let declared = source.size_hint().exact();
         let teed = Teed {
             source,
@@ -329,7 +329,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_teed_body_is_sent_again_whole_from_wherever_the_first_try_stopped() {
-        let buffer = crate::proxy::RetryBuffer::new(1024);
+        let buffer = crate::retry_buffer::RetryBuffer::new(1024);
         let tee = Tee::new(chunks(&[b"abc", b"def", b"gh"]), buffer.reserve(0).expect("room"), 100);
         // The first try reads two chunks, then its connection goes away.
         let mut first = tee.attempt();
@@ -352,14 +352,14 @@ mod tests {
 
     #[tokio::test]
     async fn past_the_budget_a_teed_body_streams_on_and_cannot_be_sent_again() {
-        let buffer = crate::proxy::RetryBuffer::new(1024);
+        let buffer = crate::retry_buffer::RetryBuffer::new(1024);
         let tee = Tee::new(chunks(&[b"abc", b"def", b"gh"]), buffer.reserve(0).expect("room"), 5);
         let (bytes, _) = read(tee.attempt()).await;
         assert_eq!(bytes, b"abcdefgh", "the one try gets the whole body");
         assert!(!tee.replayable());
         assert_eq!(buffer.available(), 1024, "nothing held once past the budget");
         // The shared buffer bounds it too.
-        let small = crate::proxy::RetryBuffer::new(4);
+        let small = crate::retry_buffer::RetryBuffer::new(4);
         let tee = Tee::new(chunks(&[b"abc", b"def"]), small.reserve(0).expect("room"), 100);
         let _ = read(tee.attempt()).await;
         assert!(!tee.replayable());

@@ -20,9 +20,9 @@ use serde_json::json;
 
 use crate::body::BoxError;
 use crate::credential_file::{self, FileError};
-use crate::http::Clients;
 use crate::source::{FetchError, TokenSource};
 use crate::token::Token;
+use crate::upstream::Clients;
 
 const DEFAULT_METADATA_HOST: &str = "169.254.169.254";
 const IAM_CREDENTIALS: &str = "https://iamcredentials.googleapis.com";

@@ -1,4 +1,4 @@
-//! The outbound HTTP clients' connections (crate::upstream keeps them): TLS with the web PKI roots plus optional extra roots, ALPN
+//! How the sidecar connects to upstreams (crate::upstream keeps the connections): TLS with the web PKI roots plus optional extra roots, ALPN
 //! h2/HTTP/1.1, and host pins (`WIPROXY_RESOLVE`) that change where a connection goes but not the
 //! name TLS verifies.
 
@@ -20,7 +20,6 @@ use rustls::pki_types::CertificateDer;
 use tokio::net::TcpStream;
 
 use crate::body::BoxError;
-use crate::upstream::Client;
 
 /// `HOST=IP[:PORT]` pins, as curl's `--resolve`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -154,34 +153,28 @@ where
     }
 }
 
-/// The clients: one that negotiates h2 or HTTP/1.1, one that speaks HTTP/1.1 only (for
-/// upgrades such as WebSocket, which need an HTTP/1.1 connection end to end). Each keeps its
-/// own connections (crate::upstream).
-#[derive(Clone)]
-pub struct Clients {
-    pub any: Client,
-    pub http1: Client,
-}
+/// What makes upstream connections: TCP (with pins), TLS with ALPN, within the connect timeout.
+pub type Connector = TimedConnector<hyper_rustls::HttpsConnector<PinnedConnector>>;
 
-impl Clients {
-    /// `connect_timeout` bounds each new connection: TCP connect and TLS handshake together.
-    pub fn new(tls: rustls::ClientConfig, pins: Pins, connect_timeout: Duration) -> Self {
-        let mut inner = HttpConnector::new();
-        inner.enforce_http(false);
-        inner.set_connect_timeout(Some(connect_timeout));
-        inner.set_nodelay(true);
-        let connector = PinnedConnector { inner, pins: Arc::new(pins) };
-        let any = HttpsConnectorBuilder::new()
-            .with_tls_config(tls.clone())
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(connector.clone());
-        let http1 =
-            HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http().enable_http1().wrap_connector(connector);
-        let build = |inner| Client::new(TimedConnector { inner, limit: connect_timeout });
-        Self { any: build(any), http1: build(http1) }
-    }
+/// Two connectors: one that negotiates h2 or HTTP/1.1, one that offers HTTP/1.1 only (for
+/// upgrades such as WebSocket, which need an HTTP/1.1 connection end to end).
+/// `connect_timeout` bounds each new connection: TCP connect and TLS handshake together.
+pub fn connectors(tls: rustls::ClientConfig, pins: Pins, connect_timeout: Duration) -> (Connector, Connector) {
+    let mut inner = HttpConnector::new();
+    inner.enforce_http(false);
+    inner.set_connect_timeout(Some(connect_timeout));
+    inner.set_nodelay(true);
+    let connector = PinnedConnector { inner, pins: Arc::new(pins) };
+    let any = HttpsConnectorBuilder::new()
+        .with_tls_config(tls.clone())
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(connector.clone());
+    let http1 =
+        HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http().enable_http1().wrap_connector(connector);
+    let timed = |inner| TimedConnector { inner, limit: connect_timeout };
+    (timed(any), timed(http1))
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ pub mod credentials;
 pub mod http;
 pub mod metrics;
 pub mod proxy;
+pub mod retry_buffer;
 pub mod routes;
 pub mod source;
 pub mod token;
@@ -30,12 +31,12 @@ use crate::body::Body;
 use crate::cache::TokenCache;
 use crate::config::Config;
 use crate::credentials::CredentialSource;
-use crate::http::Clients;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::routes::Routes;
 use crate::source::FetchError;
 use crate::token::Token;
+use crate::upstream::Clients;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -86,7 +87,7 @@ pub async fn run(config: Config, shutdown: watch::Receiver<bool>) -> Result<(), 
         &metrics,
         config.token_wait,
         config.upstream_timeout,
-        crate::proxy::RetryBuffer::new(config.retry_buffer_bytes),
+        crate::retry_buffer::RetryBuffer::new(config.retry_buffer_bytes),
     ));
     let admin = Arc::new(Admin { routes, cache, metrics });
     let mut tasks = vec![tokio::spawn(serve(admin_listener, admin::policy(), shutdown.clone(), move |request| {

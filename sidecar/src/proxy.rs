@@ -19,71 +19,17 @@ use wiproxy_common::TokenHeader;
 
 use crate::body::{empty, full, is_grpc, Body, BoxError, Failure, Tee};
 use crate::cache::{Audience, TokenCache};
-use crate::http::Clients;
 use crate::metrics::{Metrics, UpstreamLabels, UpstreamRequests};
+use crate::retry_buffer::{Reserved, RetryBuffer};
 use crate::routes::{Destination, Route, Routes, Via};
 use crate::token::Token;
+use crate::upstream::Clients;
 use crate::upstream::ResponseBody;
 use prometheus_client::metrics::counter::Counter;
 
 /// Bodies up to this size are kept so the request can be sent again after an upstream 401,
 /// while the shared [`RetryBuffer`] has room; larger ones stream through once.
 const REPLAYABLE_BODY: u64 = 1024 * 1024;
-
-/// The memory all kept bodies share. A body is kept only when its whole declared size fits in
-/// what is left; otherwise it streams through once and loses the retry, so concurrent large
-/// requests cannot grow the sidecar past its memory limit.
-pub struct RetryBuffer {
-    left: std::sync::atomic::AtomicUsize,
-}
-
-/// Bytes taken from the [`RetryBuffer`], given back on drop.
-pub struct Reserved {
-    buffer: Arc<RetryBuffer>,
-    bytes: usize,
-}
-
-impl RetryBuffer {
-    pub fn new(bytes: usize) -> Arc<Self> {
-        Arc::new(Self { left: std::sync::atomic::AtomicUsize::new(bytes) })
-    }
-
-    pub fn reserve(self: &Arc<Self>, bytes: usize) -> Option<Reserved> {
-        use std::sync::atomic::Ordering;
-        self.left
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| left.checked_sub(bytes))
-            .ok()
-            .map(|_| Reserved { buffer: self.clone(), bytes })
-    }
-
-    /// Bytes not kept by any request now.
-    pub fn available(&self) -> usize {
-        self.left.load(std::sync::atomic::Ordering::Acquire)
-    }
-}
-
-impl Reserved {
-    /// Takes `bytes` more, if the buffer has them.
-    pub fn grow(&mut self, bytes: usize) -> bool {
-        use std::sync::atomic::Ordering;
-        let taken = self.buffer.left.fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| left.checked_sub(bytes));
-        if taken.is_ok() {
-            self.bytes += bytes;
-        }
-        taken.is_ok()
-    }
-
-    /// Gives back all it holds.
-    pub fn shrink_to_zero(&mut self) {
-        self.buffer.left.fetch_add(std::mem::take(&mut self.bytes), std::sync::atomic::Ordering::AcqRel);
-    }
-}
-
-impl Drop for Reserved {
-    fn drop(&mut self) {
-        self.buffer.left.fetch_add(self.bytes, std::sync::atomic::Ordering::AcqRel);
-    }
-}
 
 static X_FORWARDED_AUTHORIZATION: HeaderName = HeaderName::from_static("x-forwarded-authorization");
 static X_SERVERLESS_AUTHORIZATION: HeaderName = HeaderName::from_static("x-serverless-authorization");

@@ -58,9 +58,25 @@ pub const MAX_IDLE_HTTP1: usize = 64;
 /// How many times a request hyper hands back unsent is tried on another connection.
 const UNSENT_RETRIES: usize = 3;
 
-/// What makes connections: TCP (with pins), TLS with ALPN, within the connect timeout.
-pub type Connector = crate::http::TimedConnector<hyper_rustls::HttpsConnector<crate::http::PinnedConnector>>;
+pub use crate::http::Connector;
 type Io = <Connector as Service<Uri>>::Response;
+
+/// The clients: one that negotiates h2 or HTTP/1.1, one that speaks HTTP/1.1 only (for
+/// upgrades such as WebSocket, which need an HTTP/1.1 connection end to end). Each keeps its
+/// own connections.
+#[derive(Clone)]
+pub struct Clients {
+    pub any: Client,
+    pub http1: Client,
+}
+
+impl Clients {
+    /// `connect_timeout` bounds each new connection: TCP connect and TLS handshake together.
+    pub fn new(tls: rustls::ClientConfig, pins: crate::http::Pins, connect_timeout: std::time::Duration) -> Self {
+        let (any, http1) = crate::http::connectors(tls, pins, connect_timeout);
+        Self { any: Client::new(any), http1: Client::new(http1) }
+    }
+}
 
 /// A client for every upstream: cheap to clone, all clones share the connections.
 #[derive(Clone)]
